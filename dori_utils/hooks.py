@@ -1,0 +1,105 @@
+"""Forward hooks as context managers. Layers are addressed by their diffusers module names.
+
+Every context manager removes its hooks (or restores its weights) on exit, also after an exception.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+import torch
+
+
+def modules_by_name(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]:
+    """Look up modules by name; an unknown name raises a KeyError that lists similar names."""
+    named = dict(model.named_modules())
+    missing = [n for n in names if n not in named]
+    if missing:
+        suffix = missing[0].rsplit(".", 1)[-1]
+        known = [n for n in named if n.endswith(suffix)][:8]
+        raise KeyError(f"No module named {missing[0]!r} in {type(model).__name__}; modules ending in {suffix!r}: {known}")
+    return {n: named[n] for n in names}
+
+
+def layer_names(unet: torch.nn.Module, suffix: str, blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")) -> list[str]:
+    """Names of modules ending in `suffix` (e.g. ``attn2.to_v``) inside the given UNet blocks, in forward order."""
+    return [n for n, _ in unet.named_modules() if n.endswith(suffix) and n.split(".", 1)[0] in blocks]
+
+
+@contextlib.contextmanager
+def zero_output_channels(model: torch.nn.Module, channels: dict[str, torch.Tensor | list[int]]):
+    """Multiply the given output channels of each named Linear by 0, for every token and every batch row.
+
+    Rows of the batch include both classifier-free-guidance branches, so both are blocked (as NeMo does).
+    """
+    modules = modules_by_name(model, [n for n, idx in channels.items() if len(idx)])
+    handles = []
+    try:
+        for name, module in modules.items():
+            index = torch.as_tensor(channels[name], dtype=torch.long)
+
+            def hook(_module, _inputs, output, index=index):
+                output = output.clone()
+                output[..., index.to(output.device)] = 0
+                return output
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_outputs(model: torch.nn.Module, names: list[str], detach: bool = True):
+    """Record each named module's output on every forward call: ``{name: [tensor, ...]}``."""
+    records: dict[str, list[torch.Tensor]] = defaultdict(list)
+    handles = []
+    try:
+        for name, module in modules_by_name(model, names).items():
+            def hook(_module, _inputs, output, name=name):
+                records[name].append(output.detach() if detach else output)
+
+            handles.append(module.register_forward_hook(hook))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def capture_inputs(model: torch.nn.Module, names: list[str], detach: bool = True):
+    """Record the first positional input of each named module on every forward call."""
+    records: dict[str, list[torch.Tensor]] = defaultdict(list)
+    handles = []
+    try:
+        for name, module in modules_by_name(model, names).items():
+            def hook(_module, inputs, name=name):
+                records[name].append(inputs[0].detach() if detach else inputs[0])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def masked_weights(model: torch.nn.Module, masks: dict[str, torch.Tensor]):
+    """Zero the weights where ``masks[name]`` is True, and restore the exact original values on exit."""
+    modules = modules_by_name(model, list(masks))
+    saved = {}
+    try:
+        with torch.no_grad():
+            for name, module in modules.items():
+                mask = masks[name].to(module.weight.device, torch.bool)
+                if mask.shape != module.weight.shape:
+                    raise ValueError(f"Mask for {name} has shape {tuple(mask.shape)}, weight has {tuple(module.weight.shape)}")
+                saved[name] = module.weight[mask].clone()
+                module.weight[mask] = 0
+        yield
+    finally:
+        with torch.no_grad():
+            for name, values in saved.items():
+                module = modules[name]
+                module.weight[masks[name].to(module.weight.device, torch.bool)] = values

