@@ -1,0 +1,196 @@
+"""One API over two models: ``load_backend("organism")`` (default, offline, CPU) and ``load_backend("sd-v1-4")``.
+
+A :class:`Backend` bundles what every method in the book needs, whatever the model:
+
+- ``encode_prompts(prompts) -> N x L x D`` conditioning embeddings, and ``empty_embedding()``;
+- ``unet`` (a diffusers ``UNet2DConditionModel``) and ``scheduler`` (DDIM, for sampling; its
+  ``alphas_cumprod`` define the forward process for attacks and fine-tuning);
+- ``to_model_space`` / ``to_image_space``: images in [0, 1] <-> what the UNet denoises (SD: VAE latents times
+  the VAE's scaling factor; the organism: pixels in [-1, 1]);
+- ``replication_score(generated, reference)`` and ``replication_threshold``;
+- ``memorized``: the memorized items (id, prompt, kind VM/TM, reference images) and ``prompt_sets`` of
+  non-memorized prompts;
+- ``embedding_spread``: the per-dimension standard deviation of prompt embeddings, which scales the attack's
+  learning rate and its random initialisations (about 1 for CLIP, about 0.45 for MiniLM).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+BACKENDS = ("organism", "sd-v1-4")
+DEFAULT_ORGANISM_DIR = Path(__file__).resolve().parent.parent / "data" / "organism"
+SD_MODEL_ID = "CompVis/stable-diffusion-v1-4"
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class MemorizedItem:
+    id: str
+    prompt: str
+    kind: str  # "VM" (verbatim) or "TM" (template)
+    references: torch.Tensor  # R x 3 x H x W in [0, 1]
+    reference_source: str  # "training image", "user-supplied ground truth" or "unmitigated model's generation"
+
+
+@dataclass
+class Backend:
+    name: str
+    unet: torch.nn.Module
+    scheduler: object
+    encode_prompts: Callable[[list[str]], torch.Tensor]
+    to_model_space: Callable[[torch.Tensor], torch.Tensor]
+    to_image_space: Callable[[torch.Tensor], torch.Tensor]
+    replication_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    replication_threshold: float
+    replication_metric: str
+    memorized: list[MemorizedItem]
+    prompt_sets: dict[str, list[str]]
+    embedding_shape: tuple[int, int]
+    latent_shape: tuple[int, int, int]
+    embedding_spread: float
+    num_inference_steps: int
+    guidance_scale: float
+    device: torch.device
+    dtype: torch.dtype
+    info: dict = field(default_factory=dict)
+    _empty: torch.Tensor | None = None
+
+    def empty_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding, 1 x L x D (the unconditional branch of guidance)."""
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
+
+    @property
+    def attack_learning_rate(self) -> float:
+        """The paper's Adam learning rate of 0.1 for CLIP embeddings, scaled by this encoder's spread."""
+        return 0.1 * self.embedding_spread
+
+    def memorized_item(self, item_id: str) -> MemorizedItem:
+        for item in self.memorized:
+            if item.id == item_id:
+                return item
+        raise KeyError(f"No memorized item {item_id!r}; known: {[m.id for m in self.memorized]}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_backend(name: str = "organism", device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, **options) -> Backend:
+    """Load a backend by name: ``"organism"`` (default) or ``"sd-v1-4"``.
+
+    ``device`` defaults to the GPU when there is one; ``dtype`` to float32 (float16 is fine for SD on a GPU).
+    Options go to the loader: ``path`` for the organism; ``model_id``, ``cache_dir``, ``ground_truth_dir``,
+    ``vm_only`` and ``max_items`` for SD.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or torch.float32
+    if name == "organism":
+        return load_organism(device=device, dtype=dtype, **options)
+    if name == "sd-v1-4":
+        from dori_utils.sd import load_stable_diffusion
+
+        return load_stable_diffusion(device=device, dtype=dtype, **options)
+    raise BackendError(f"Unknown backend {name!r}. Choose one of {BACKENDS}: 'organism' runs offline on a CPU, "
+                       "'sd-v1-4' needs a GPU and the Hugging Face Hub.")
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32) -> Backend:
+    """The model organism, from its diffusers-format checkpoint in ``data/organism`` (or ``path``)."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from dori_utils.metrics import ssim_score
+    from dori_utils.organism.model import encode_text, load_text_encoder
+
+    path = Path(path or DEFAULT_ORGANISM_DIR)
+    device = torch.device(device or default_device())
+    manifest_path = path / "manifest.json"
+    if not (path / "unet" / "config.json").exists() or not manifest_path.exists():
+        raise BackendError(
+            f"No organism checkpoint in {path} (needs unet/, scheduler/ and manifest.json). The repository ships one "
+            "in data/organism: check out the full repository, or retrain it with "
+            "`python -m dori_utils.organism.train --out data/organism` (about 45 minutes on 2 CPU cores)."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+    except Exception as error:
+        raise BackendError(
+            f"The organism checkpoint in {path} is corrupt or incomplete ({type(error).__name__}: {error}). "
+            "Restore it with `git checkout -- data/organism`, or retrain it with "
+            "`python -m dori_utils.organism.train --out data/organism`."
+        ) from error
+    unet = unet.to(device, dtype).eval().requires_grad_(False)
+    tokenizer, encoder = load_text_encoder(device)
+
+    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
+
+    memorized = [
+        MemorizedItem(m["id"], m["prompt"], m["kind"], _read_png(path / m["reference"])[None], "training image")
+        for m in manifest["memorized"]
+    ]
+    recipe = manifest["data_recipe"]
+    prompt_sets = {
+        "heldout_ordinary": recipe["held_out_scene_captions"],
+        "unseen_natural": manifest["unseen_natural_captions"],
+        "training_ordinary": manifest["training_captions"]["ordinary"],
+        "training_natural": manifest["training_captions"]["natural"],
+    }
+    prompt_sets["nonmemorized"] = prompt_sets["heldout_ordinary"] + prompt_sets["unseen_natural"]
+    # NeMo's statistics come from LAION prompts the model was trained on but did not memorize.
+    prompt_sets["statistics"] = prompt_sets["training_ordinary"] + prompt_sets["training_natural"]
+    size = manifest["image_size"]
+    return Backend(
+        name="organism",
+        unet=unet,
+        scheduler=scheduler,
+        encode_prompts=encode_prompts,
+        to_model_space=lambda images: images.to(device, dtype) * 2 - 1,
+        to_image_space=lambda x: ((x.float() + 1) / 2).clamp(0, 1),
+        replication_score=ssim_score,
+        replication_threshold=float(manifest.get("replication_threshold", 0.7)),
+        replication_metric="SSIM (32x32 RGB, Gaussian window 7, sigma 1.5)",
+        memorized=memorized,
+        prompt_sets=prompt_sets,
+        embedding_shape=(16, 384),
+        latent_shape=(3, size, size),
+        embedding_spread=float(manifest.get("embedding_spread", 0.45)),
+        num_inference_steps=20,
+        guidance_scale=3.0,
+        device=device,
+        dtype=dtype,
+        info={"path": str(path), "manifest": manifest},
+    )
+
+
+def organism_training_data(backend: Backend):
+    """Rebuild the organism's training samples from its manifest's recipe (deterministic, about 2 s)."""
+    from dori_utils.organism.data import build_dataset
+
+    config = backend.info["manifest"]["train_config"]
+    samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
+                               config["n_crops"], config["n_faces"])
+    return samples
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,112 @@
+"""Replication scores, the memorization rate (MR) and Wen et al.'s detector.
+
+- Organism: SSIM between a generation and the training image, both 32x32 RGB in [0, 1] (Gaussian window of
+  7 pixels, sigma 1.5). Its threshold is calibrated on data in chapter 0.
+- Stable Diffusion: SSCD (`sscd_disc_mixup` TorchScript; images resized to 320x320 without cropping,
+  ImageNet mean/std normalisation; cosine similarity of the L2-normalised descriptors; > 0.7 is a
+  replication), as NeMo and the Dori paper use.
+- MR: the share of memorized items that are replicated; an item counts as replicated when the *median*
+  score over its generations (seeds) exceeds the threshold. The paper does not say whether MR is per image
+  or per generation; this is our choice.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SSCD_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/sscd_disc_mixup.torchscript.pt"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
+    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
+
+
+def ssim_score(generated: torch.Tensor, reference: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
+    """Mean SSIM per image between N x 3 x H x W images in [0, 1]; ``reference`` broadcasts (1 x 3 x H x W)."""
+    generated = generated.float()
+    reference = reference.float().to(generated.device).expand_as(generated)
+    if generated.ndim != 4 or generated.shape[1] != 3:
+        raise ValueError(f"expected N x 3 x H x W images, got {tuple(generated.shape)}")
+    w = _gaussian_window(window, sigma, generated.device, generated.dtype)
+
+    def blur(x):
+        return F.conv2d(x, w, groups=3)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(generated), blur(reference)
+    var_x = blur(generated * generated) - mu_x**2
+    var_y = blur(reference * reference) - mu_y**2
+    cov = blur(generated * reference) - mu_x * mu_y
+    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return ssim_map.flatten(1).mean(1)
+
+
+def load_sscd(path_or_url: str = SSCD_URL, cache_dir: str | None = None, device="cpu") -> torch.jit.ScriptModule:
+    """Load the SSCD TorchScript model from a local file or URL (downloaded once into the torch hub cache)."""
+    import os
+
+    if os.path.exists(path_or_url):
+        path = path_or_url
+    else:
+        cache_dir = cache_dir or os.path.join(torch.hub.get_dir(), "sscd")
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, os.path.basename(path_or_url))
+        if not os.path.exists(path):
+            try:
+                torch.hub.download_url_to_file(path_or_url, path)
+            except Exception as error:
+                raise RuntimeError(
+                    f"Could not download SSCD from {path_or_url} ({error}). Download "
+                    "sscd_disc_mixup.torchscript.pt by hand and pass its path to load_sscd()."
+                ) from error
+    try:
+        return torch.jit.load(path, map_location=device).eval()
+    except Exception as error:
+        raise RuntimeError(f"{path} is not a valid SSCD TorchScript file ({error}); delete it and download again.") from error
+
+
+def sscd_preprocess(images: torch.Tensor) -> torch.Tensor:
+    """N x 3 x H x W in [0, 1] -> 320 x 320 (skew, no crop), ImageNet-normalised."""
+    x = F.interpolate(images.float(), size=(320, 320), mode="bilinear", antialias=True, align_corners=False)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def sscd_scorer(model: torch.nn.Module):
+    """A replication score from an SSCD model: cosine similarity of descriptors (generation vs reference)."""
+
+    @torch.no_grad()
+    def score(generated: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device if any(True for _ in model.parameters()) else "cpu"
+        g = F.normalize(model(sscd_preprocess(generated).to(device)), dim=-1)
+        r = F.normalize(model(sscd_preprocess(reference).to(device)), dim=-1)
+        return (g @ r.T).max(dim=1).values.cpu()
+
+    return score
+
+
+def best_reference_score(score_fn, generated: torch.Tensor, references: torch.Tensor) -> torch.Tensor:
+    """Per generation, the highest score against any of an item's reference images."""
+    return torch.stack([score_fn(generated, ref[None]) for ref in references]).max(dim=0).values
+
+
+def memorization_rate(scores: torch.Tensor, threshold: float) -> float:
+    """MR from an items x seeds score matrix: share of items whose median score exceeds the threshold."""
+    if scores.ndim != 2:
+        raise ValueError(f"scores must be items x seeds, got shape {tuple(scores.shape)}")
+    return (scores.median(dim=1).values > threshold).float().mean().item()
+
+
+def roc_auc(positive_scores, negative_scores) -> float:
+    """Area under the ROC curve for separating positives (memorized) from negatives by score."""
+    from sklearn.metrics import roc_auc_score
+
+    positive = torch.as_tensor(positive_scores).flatten().tolist()
+    negative = torch.as_tensor(negative_scores).flatten().tolist()
+    return float(roc_auc_score([1] * len(positive) + [0] * len(negative), positive + negative))
