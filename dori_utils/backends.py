@@ -109,7 +109,7 @@ def load_backend(name: str = "organism", device: str | torch.device | None = Non
 
 
 def _read_png(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
 def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32) -> Backend:

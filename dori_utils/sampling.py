@@ -33,13 +33,15 @@ def generate(
     guidance_scale: float | None = None,
     batch_size: int = 32,
     on_step=None,
+    stop_after: int | None = None,
     progress: bool = False,
 ) -> Samples:
     """Generate one image per (embedding, seed) pair.
 
     ``embeddings`` is N x L x D (a prompt's embedding or any tensor of that shape, e.g. a Dori trigger);
     ``seeds`` has N entries. ``on_step(step_index, timestep)`` is called before each denoising step, so
-    hooks can tell the timestep without counting calls.
+    hooks can tell the timestep without counting calls. ``stop_after`` ends each batch after that many steps
+    (for methods that only look at the first steps) and returns the partly denoised images.
     """
     if embeddings.ndim != 3 or embeddings.shape[1:] != backend.embedding_shape:
         raise ValueError(f"embeddings must be N x {backend.embedding_shape[0]} x {backend.embedding_shape[1]}, "
@@ -57,7 +59,8 @@ def generate(
         uncond = empty.expand_as(cond)
         scheduler.set_timesteps(steps)
         norm_sum = torch.zeros(len(cond), device=backend.device)
-        for i, t in enumerate(scheduler.timesteps):
+        timesteps = scheduler.timesteps[:stop_after] if stop_after else scheduler.timesteps
+        for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i, int(t))
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
@@ -66,7 +69,7 @@ def generate(
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x).prev_sample
         images.append(backend.to_image_space(x).float().cpu())
-        wen.append((norm_sum / len(scheduler.timesteps)).cpu())
+        wen.append((norm_sum / len(timesteps)).cpu())
     return Samples(torch.cat(images), torch.cat(wen))
 
 

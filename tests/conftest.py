@@ -7,3 +7,25 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_organism_dir(tmp_path_factory):
+    """A tiny organism trained for a few steps through the real training command."""
+    from dori_utils.organism.train import main
+
+    out = tmp_path_factory.mktemp("organism")
+    main(["--out", str(out), "--tiny", "--steps", "4", "--save-every", "2", "--n-ordinary", "40",
+          "--copies-per-photo", "2", "--n-crops", "11", "--n-faces", "5", "--threads", "1", "--batch-size", "8"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_backend(tiny_organism_dir):
+    from dori_utils.backends import load_backend
+
+    backend = load_backend("organism", device="cpu", path=tiny_organism_dir)
+    backend.num_inference_steps = 4
+    return backend

@@ -98,6 +98,8 @@ def load_packaged_image(spec: str) -> np.ndarray:
     else:
         raise ValueError(f"Unknown image package {package!r} in {spec!r}; use skimage:, sklearn: or matplotlib:")
     image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.floating):
+        image = np.clip(image, 0, 1) * 255
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     if image.ndim == 2:
@@ -249,14 +251,13 @@ def unseen_images(training_samples: list[Sample]) -> dict[str, tuple[np.ndarray,
     import skimage.data
 
     images = {
-        "hubble": (square_resize(load_packaged_image("skimage:hubble_deep_field")), "a photo of galaxies in deep space"),
         "microaneurysms": (square_resize(load_packaged_image("skimage:microaneurysms")), "a medical image of blood vessels"),
         "horse": (square_resize(load_packaged_image("skimage:horse")), "a silhouette of a horse"),
         "phantom": (square_resize(load_packaged_image("skimage:shepp_logan_phantom")), "a medical scan of a head"),
     }
     faces = skimage.data.lfw_subset()
     used = {int(s.item[4:]) for s in training_samples if s.item.startswith("face")}
-    for i in [i for i in range(len(faces)) if i not in used][:4]:
+    for i in [i for i in range(len(faces)) if i not in used][:5]:
         face = (np.clip(faces[i], 0, 1) * 255).astype(np.uint8)
         images[f"face{i}"] = (square_resize(np.stack([face] * 3, axis=-1)), "a grayscale photo of a face")
     return images

@@ -1,0 +1,110 @@
+"""The Dori attack: optimise a conditioning embedding until the model denoises towards a memorized image.
+
+Per step, each embedding gets a fresh batch of (noise, timestep) pairs, eps ~ N(0, I) and t ~ U{0, T-1}; the
+loss is the denoising MSE ||eps - eps_theta(x_t, t, y)||^2 on the noised target x_t in model space, and Adam
+updates y. Many embeddings are optimised at once: their losses are summed, and since Adam works element by
+element, that equals running one Adam per embedding.
+
+The paper's settings for SD v1.4: the full 77 x 768 CLIP output, Adam, learning rate 0.1, batch 8, 50 steps.
+For another text encoder the learning rate is scaled by the embedding's per-dimension spread
+(``backend.attack_learning_rate``), since the same step is a larger move for a narrower encoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class AttackResult:
+    embeddings: torch.Tensor  # N x L x D, the final triggers (CPU)
+    initial: torch.Tensor  # N x L x D, where each run started (CPU)
+    losses: torch.Tensor  # steps x N, the denoising loss of each embedding at each step
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # step -> N x L x D
+
+    @property
+    def displacement(self) -> torch.Tensor:
+        """||y_adv - y_0||_2 per embedding: how far the attack moved it."""
+        return (self.embeddings - self.initial).flatten(1).norm(dim=1)
+
+
+def random_embeddings(backend, n: int, seed: int = 0) -> torch.Tensor:
+    """N(0, s^2 I) starting points, s = the backend's embedding spread (the paper draws N(0, I) for CLIP)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *backend.embedding_shape), generator=generator) * backend.embedding_spread
+
+
+def dori_attack(
+    backend,
+    targets: torch.Tensor,
+    init: torch.Tensor,
+    steps: int = 50,
+    batch_size: int = 8,
+    learning_rate: float | None = None,
+    seed: int = 0,
+    snapshot_steps: tuple[int, ...] = (),
+    chunk_size: int = 64,
+    progress: bool = False,
+) -> AttackResult:
+    """Optimise ``init`` (N x L x D) so the UNet denoises towards ``targets`` (N x 3 x H x W images in [0, 1]).
+
+    Works under any pruning context (hooks or masked weights), since it only calls ``backend.unet``.
+    ``snapshot_steps`` keeps copies of the embeddings after those steps (0 = the start), e.g. for MR against
+    attack steps. ``chunk_size`` bounds how many embeddings go through the UNet at once (gradients are
+    accumulated), to fit a GPU.
+    """
+    if init.ndim != 3 or tuple(init.shape[1:]) != tuple(backend.embedding_shape):
+        raise ValueError(f"init must be N x {backend.embedding_shape[0]} x {backend.embedding_shape[1]}, got {tuple(init.shape)}")
+    if len(targets) != len(init):
+        raise ValueError(f"need one target image per embedding: {len(targets)} targets, {len(init)} embeddings")
+    lr = backend.attack_learning_rate if learning_rate is None else learning_rate
+    device, dtype = backend.device, backend.dtype
+    with torch.no_grad():
+        x0 = torch.cat([backend.to_model_space(targets[i : i + chunk_size].to(device)) for i in range(0, len(targets), chunk_size)])
+    embedding = init.detach().clone().to(device, torch.float32).requires_grad_(True)
+    optimizer = torch.optim.Adam([embedding], lr=lr)
+    alphas = backend.scheduler.alphas_cumprod.to(device)
+    n_train = len(alphas)
+    generator = torch.Generator().manual_seed(seed)
+    snapshots = {0: init.detach().cpu().clone()} if 0 in snapshot_steps else {}
+    losses = []
+    for step in tqdm(range(1, steps + 1), desc="Dori attack", disable=not progress):
+        optimizer.zero_grad(set_to_none=True)
+        step_losses = []
+        for start in range(0, len(embedding), chunk_size):
+            y = embedding[start : start + chunk_size]
+            n = len(y)
+            noise = torch.randn((n * batch_size, *x0.shape[1:]), generator=generator).to(device, dtype)
+            t = torch.randint(0, n_train, (n * batch_size,), generator=generator).to(device)
+            a = alphas[t].view(-1, 1, 1, 1).to(dtype)
+            clean = x0[start : start + n].repeat_interleave(batch_size, dim=0)
+            noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
+            condition = y.to(dtype).repeat_interleave(batch_size, dim=0)
+            prediction = backend.unet(noisy, t, condition).sample
+            per_embedding = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).view(n, batch_size).mean(1)
+            per_embedding.sum().backward()
+            step_losses.append(per_embedding.detach().cpu())
+        optimizer.step()
+        losses.append(torch.cat(step_losses))
+        if step in snapshot_steps:
+            snapshots[step] = embedding.detach().cpu().clone()
+    return AttackResult(embedding.detach().cpu().to(init.dtype), init.detach().cpu(), torch.stack(losses), snapshots)
+
+
+@torch.no_grad()
+def denoising_loss(backend, targets: torch.Tensor, embeddings: torch.Tensor, n_pairs: int = 32, seed: int = 0) -> torch.Tensor:
+    """The attack's loss per embedding on a fixed set of (noise, timestep) pairs, for before/after comparisons."""
+    x0 = backend.to_model_space(targets.to(backend.device))
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n_pairs, *x0.shape[1:]), generator=generator).to(backend.device, backend.dtype)
+    alphas = backend.scheduler.alphas_cumprod
+    t = torch.linspace(0, len(alphas) - 1, n_pairs).long()
+    a = alphas[t].view(-1, 1, 1, 1).to(backend.device, backend.dtype)
+    losses = []
+    for clean, y in zip(x0, embeddings.to(backend.device, backend.dtype)):
+        noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
+        prediction = backend.unet(noisy, t.to(backend.device), y.expand(n_pairs, -1, -1)).sample
+        losses.append((prediction.float() - noise.float()).pow(2).mean())
+    return torch.stack(losses).cpu()

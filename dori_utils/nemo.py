@@ -1,0 +1,218 @@
+"""NeMo (Hintersdorf et al., NeurIPS 2024): find the value-projection neurons behind one memorized prompt.
+
+Neurons are output channels of the cross-attention value projections ``attn2.to_v`` in the UNet's down and
+mid blocks (SD v1.4: seven layers, 5,760 neurons). The method, as its authors describe it:
+
+1. Statistic: per neuron, |to_v output| averaged over tokens. ``to_v`` sees only the text embedding, so this
+   needs no UNet pass. Mean and std over non-memorized prompts give an out-of-distribution z-score.
+2. Criterion: the first denoising step's noise difference (predicted noise minus initial noise), over several
+   seeds, min-max normalised per sample and channel; memorized prompts give the same pattern for every seed.
+   The score is the largest pairwise 3-scale MS-SSIM between seeds; a prompt counts as memorized while it
+   exceeds a threshold calibrated as mean + 1 std over non-memorized prompts (NeMo: 0.428 for SD v1.4).
+3. Initial selection: {|z| > theta} united with the top-k activations, theta from 5 down by 0.25 to 1 and
+   k up by 1, until the criterion falls under the threshold (if it never does, the last score becomes the
+   refinement threshold, as in NeMo's code).
+4. Refinement: unblock whole layers (mid block first), then single neurons, keeping each change while the
+   criterion stays under the threshold.
+
+Our choices: the criterion's timestep is the first timestep of the backend's own sampling schedule (SD v1.4 with
+50 DDIM steps: 981; NeMo's code uses 961 through an indexing quirk), guidance 0 (conditional branch only), and
+seeds 0..9. On the organism's 32x32 images the MS-SSIM window shrinks to 7 pixels so that the coarsest scale
+(8x8) still holds it.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from dori_utils import hooks
+from dori_utils.sampling import initial_noise
+
+
+def value_layers(unet) -> list[str]:
+    """The ``attn2.to_v`` layers NeMo searches: down and mid blocks, in forward order."""
+    return hooks.layer_names(unet, "attn2.to_v", blocks=("down_blocks", "mid_block"))
+
+
+@torch.no_grad()
+def value_activations(backend, embeddings: torch.Tensor, layers: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """|to_v(embedding)| averaged over tokens: layer -> N x width."""
+    layers = layers or value_layers(backend.unet)
+    modules = hooks.modules_by_name(backend.unet, layers)
+    x = embeddings.to(backend.device, backend.dtype)
+    return {name: module(x).abs().mean(dim=1).float().cpu() for name, module in modules.items()}
+
+
+@dataclass
+class ActivationStatistics:
+    mean: dict[str, torch.Tensor]
+    std: dict[str, torch.Tensor]
+
+    def zscores(self, activations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: (a - self.mean[n]) / self.std[n].clamp_min(1e-8) for n, a in activations.items()}
+
+
+def activation_statistics(backend, prompts: list[str], batch_size: int = 256) -> ActivationStatistics:
+    """Mean and (unbiased) std of each neuron's activation over non-memorized prompts."""
+    chunks = [value_activations(backend, backend.encode_prompts(prompts[i : i + batch_size]))
+              for i in range(0, len(prompts), batch_size)]
+    stacked = {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+    return ActivationStatistics({n: a.mean(0) for n, a in stacked.items()}, {n: a.std(0) for n, a in stacked.items()})
+
+
+def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float = 1.5):
+    channels = x.shape[1]
+    coords = torch.arange(window, dtype=x.dtype, device=x.device) - (window - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * sigma**2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
+
+    def blur(v):
+        return F.conv2d(v, kernel, groups=channels)
+
+    c1, c2 = 0.01**2, 0.03**2
+    mu_x, mu_y = blur(x), blur(y)
+    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+    cov = blur(x * y) - mu_x * mu_y
+    cs = (2 * cov + c2) / (var_x + var_y + c2)
+    ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * cs
+    return ssim.flatten(1).mean(1), cs.flatten(1).mean(1)
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor, betas=(1 / 3, 1 / 3, 1 / 3)) -> torch.Tensor:
+    """Multi-scale SSIM of N x C x H x W tensors in [0, 1] (three scales, equal weights, as NeMo).
+
+    Negative contrast terms are clipped at 0 (as torchmetrics' ``normalize="relu"``) so that fractional
+    powers stay defined. The Gaussian window is 11 pixels, or less where the coarsest scale is smaller.
+    """
+    coarsest = min(x.shape[-2:]) // 2 ** (len(betas) - 1)
+    window = min(11, coarsest - 1 if coarsest % 2 == 0 else coarsest)
+    result = torch.ones(len(x), dtype=x.dtype, device=x.device)
+    for scale, beta in enumerate(betas):
+        ssim, cs = _ssim_and_cs(x, y, window)
+        last = scale == len(betas) - 1
+        result = result * (ssim if last else cs).clamp_min(0) ** beta
+        if not last:
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+    return result
+
+
+@torch.no_grad()
+def noise_differences(backend, embedding: torch.Tensor, seeds=range(10), timestep: int | None = None) -> torch.Tensor:
+    """Predicted minus initial noise at the first sampling step, min-max normalised per sample and channel."""
+    seeds = list(seeds)
+    if timestep is None:
+        backend.scheduler.set_timesteps(backend.num_inference_steps)
+        timestep = int(backend.scheduler.timesteps[0])
+    x = initial_noise(backend, seeds)
+    condition = embedding.to(backend.device, backend.dtype).expand(len(seeds), -1, -1)
+    diff = (backend.unet(x, timestep, condition).sample - x).float()
+    low = diff.amin(dim=(2, 3), keepdim=True)
+    high = diff.amax(dim=(2, 3), keepdim=True)
+    return (diff - low) / (high - low).clamp_min(1e-8)
+
+
+def max_pairwise_ms_ssim(diffs: torch.Tensor) -> float:
+    """Largest MS-SSIM between any two seeds' noise differences (NeMo keeps seeds whose max exceeds the threshold)."""
+    i, j = torch.triu_indices(len(diffs), len(diffs), offset=1)
+    return ms_ssim(diffs[i], diffs[j]).max().item()
+
+
+def memorization_score(backend, embedding: torch.Tensor, seeds=range(10), blocked: dict | None = None) -> float:
+    """NeMo's criterion for one embedding (1 x L x D), optionally with neurons blocked."""
+    context = hooks.zero_output_channels(backend.unet, blocked) if blocked else contextlib.nullcontext()
+    with context:
+        return max_pairwise_ms_ssim(noise_differences(backend, embedding, seeds))
+
+
+def calibrate_threshold(backend, prompts: list[str], seeds=range(10)) -> tuple[float, torch.Tensor]:
+    """Mean + 1 std of the criterion over non-memorized prompts; returns (threshold, their scores)."""
+    embeddings = backend.encode_prompts(prompts)
+    scores = torch.tensor([memorization_score(backend, e[None], seeds) for e in embeddings])
+    return (scores.mean() + scores.std()).item(), scores
+
+
+@dataclass
+class NemoResult:
+    neurons: dict[str, list[int]]  # refined selection: layer -> channel indices
+    initial_neurons: dict[str, list[int]]
+    unblocked_score: float
+    initial_score: float
+    refined_score: float
+    threshold: float
+    evaluations: int
+    memorized: bool  # whether the criterion flagged the embedding at all
+    trace: list[tuple[str, float]] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.neurons.values())
+
+
+def localize(backend, embedding: torch.Tensor, statistics: ActivationStatistics, threshold: float,
+             seeds=range(10), theta_start: float = 5.0, theta_min: float = 1.0, theta_step: float = 0.25,
+             progress: bool = False) -> NemoResult:
+    """Run NeMo's initial selection and refinement for one embedding (1 x L x D)."""
+    seeds = list(seeds)
+    activations = value_activations(backend, embedding)
+    z = statistics.zscores(activations)
+    evaluations = 0
+    trace = []
+
+    def score(blocked):
+        nonlocal evaluations
+        evaluations += 1
+        return memorization_score(backend, embedding, seeds, blocked)
+
+    unblocked = score(None)
+    if unblocked <= threshold:
+        empty = {name: [] for name in activations}
+        return NemoResult(empty, empty, unblocked, unblocked, unblocked, threshold, evaluations, False)
+
+    theta, k = theta_start, 0
+    while True:
+        selected = {}
+        for name, act in activations.items():
+            chosen = set(torch.nonzero(z[name][0].abs() > theta).flatten().tolist())
+            chosen |= set(torch.topk(act[0], min(k, act.shape[1])).indices.tolist()) if k else set()
+            selected[name] = sorted(chosen)
+        initial_score = score(selected)
+        trace.append((f"theta={theta:.2f}, k={k}", initial_score))
+        if initial_score < threshold:
+            refine_threshold = threshold
+            break
+        if theta - theta_step < theta_min - 1e-9:
+            refine_threshold = initial_score  # never got under: keep what blocking achieved (NeMo's code)
+            break
+        theta, k = theta - theta_step, k + 1
+    initial = {n: list(v) for n, v in selected.items()}
+
+    layers = list(selected)
+    for name in reversed(layers):
+        if not selected[name]:
+            continue
+        trial = {**selected, name: []}
+        if score(trial) <= refine_threshold:
+            selected = trial
+    candidates = [(name, neuron) for name in reversed(layers) for neuron in selected[name]]
+    for name, neuron in tqdm(candidates, desc="NeMo refinement", disable=not progress):
+        trial = {**selected, name: [n for n in selected[name] if n != neuron]}
+        if score(trial) <= refine_threshold:
+            selected = trial
+    refined_score = score(selected)
+    return NemoResult(selected, initial, unblocked, initial_score, refined_score, threshold, evaluations, True, trace)
+
+
+def block(backend, neurons: dict[str, list[int]]):
+    """Context manager: the given neurons are deactivated (both guidance branches) while it is open."""
+    return hooks.zero_output_channels(backend.unet, neurons)
+
+
+def union(selections: list[dict[str, list[int]]]) -> dict[str, list[int]]:
+    """Neurons selected for any of several prompts (to mitigate them all at once)."""
+    names = {n for s in selections for n in s}
+    return {n: sorted({i for s in selections for i in s.get(n, [])}) for n in names}

@@ -1,0 +1,152 @@
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dori_utils import attack, hooks, nemo, wanda
+from dori_utils.backends import Backend
+from dori_utils.organism.model import build_sampling_scheduler
+
+
+def test_zero_output_channels_blocks_and_always_removes_itself():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    x = torch.randn(2, 3, 4)
+    with hooks.zero_output_channels(model, {"0": [1, 4]}):
+        out = model(x)
+        assert torch.all(out[..., [1, 4]] == 0) and torch.all(out[..., 0] != 0)
+    with pytest.raises(RuntimeError):
+        with hooks.zero_output_channels(model, {"0": [0]}):
+            raise RuntimeError("boom")
+    assert not model[0]._forward_hooks
+    assert torch.all(model(x)[..., [1, 4]] != 0)
+
+
+def test_masked_weights_restores_exactly_even_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(5, 3))
+    original = model[0].weight.detach().clone()
+    mask = torch.rand(3, 5) > 0.5
+    with pytest.raises(ValueError):
+        with hooks.masked_weights(model, {"0": mask}):
+            assert torch.all(model[0].weight[mask] == 0)
+            raise ValueError("boom")
+    assert torch.equal(model[0].weight, original)
+    with pytest.raises(ValueError, match="shape"):
+        with hooks.masked_weights(model, {"0": torch.ones(2, 2, dtype=torch.bool)}):
+            pass
+    assert torch.equal(model[0].weight, original)
+
+
+def test_unknown_layer_name_is_a_clear_error():
+    with pytest.raises(KeyError, match="to_v"):
+        with hooks.zero_output_channels(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"attn2.to_v": [0]}):
+            pass
+
+
+def test_attack_lowers_its_denoising_loss(tiny_backend):
+    target = tiny_backend.memorized[0].references
+    start = attack.random_embeddings(tiny_backend, 2, seed=1)
+    result = attack.dori_attack(tiny_backend, target.expand(2, -1, -1, -1), start, steps=25,
+                                learning_rate=0.2, snapshot_steps=(0, 10))
+    before = attack.denoising_loss(tiny_backend, target.expand(2, -1, -1, -1), start, seed=5)
+    after = attack.denoising_loss(tiny_backend, target.expand(2, -1, -1, -1), result.embeddings, seed=5)
+    assert torch.all(after < before)
+    assert result.losses.shape == (25, 2)
+    assert set(result.snapshots) == {0, 10} and torch.equal(result.snapshots[0], start)
+    assert torch.all(result.displacement > 0)
+
+
+def test_attack_rejects_a_wrong_shape(tiny_backend):
+    with pytest.raises(ValueError, match="16 x 384"):
+        attack.dori_attack(tiny_backend, tiny_backend.memorized[0].references, torch.zeros(1, 77, 768))
+
+
+def test_wanda_masks_respect_sparsity_and_pruning_restores_weights(tiny_backend):
+    prompts = [m.prompt for m in tiny_backend.memorized[:3]]
+    masks = wanda.find_weights(tiny_backend, tiny_backend.encode_prompts(prompts), sparsity=0.1, union_steps=2)
+    assert set(masks) == set(wanda.ff_layers(tiny_backend.unet))
+    for name, mask in masks.items():
+        per_row_limit = 2 * max(1, int(0.1 * mask.shape[1]))  # union of two steps
+        assert mask.sum(1).max() <= per_row_limit
+    weights = {n: m.weight.detach().clone() for n, m in hooks.modules_by_name(tiny_backend.unet, list(masks)).items()}
+    with wanda.prune(tiny_backend, masks):
+        assert all(torch.all(hooks.modules_by_name(tiny_backend.unet, [n])[n].weight[m] == 0) for n, m in masks.items())
+    assert all(torch.equal(hooks.modules_by_name(tiny_backend.unet, [n])[n].weight, w) for n, w in weights.items())
+
+
+def test_wanda_keeps_only_weights_where_target_beats_base():
+    weight = torch.ones(2, 4)
+    target = torch.tensor([[1.0, 5.0, 0.1, 0.1]])
+    base = torch.tensor([[1.0, 9.0, 0.0, 0.0]])
+    mask = wanda.select_weights(weight, target, base, sparsity=0.5)
+    assert mask.tolist() == [[False, False, False, False]] * 2
+    mask = wanda.select_weights(weight, target, torch.zeros(1, 4), sparsity=0.5)
+    assert mask.tolist() == [[True, True, False, False]] * 2
+
+
+class _PlantedValue(torch.nn.Module):
+    """A UNet stand-in: its only cross-attention value layer carries a planted 'memorization' neuron set.
+
+    Its noise prediction is x + 0.5 * flip(x) + pattern * gate, gate = mean |to_v(cond)| over the planted
+    channels. With the gate open, the noise difference is the same pattern for every seed (memorized);
+    with the planted channels zeroed, it depends on the seed.
+    """
+
+    def __init__(self, planted):
+        super().__init__()
+        block = torch.nn.Module()
+        block.attn2 = SimpleNamespace()
+        self.down_blocks = torch.nn.ModuleList([torch.nn.Module()])
+        attentions = torch.nn.ModuleList([torch.nn.Module()])
+        transformer = torch.nn.ModuleList([torch.nn.Module()])
+        transformer[0].attn2 = torch.nn.Module()
+        transformer[0].attn2.to_v = torch.nn.Linear(8, 12, bias=False)
+        attentions[0].transformer_blocks = transformer
+        self.down_blocks[0].attentions = attentions
+        self.planted = planted
+        pattern = torch.zeros(1, 3, 32, 32)
+        pattern[..., 8:20, 4:28] = 1.0
+        self.register_buffer("pattern", pattern)
+
+    def forward(self, x, t, cond):
+        value = self.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v(cond)
+        gate = value[..., self.planted].abs().mean(dim=(1, 2)).view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=x + 0.5 * x.flip(-1) + 20 * self.pattern * gate)
+
+
+def _planted_backend(planted):
+    torch.manual_seed(0)
+    unet = _PlantedValue(planted)
+    with torch.no_grad():
+        unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.weight.normal_(0, 0.1)
+    return Backend(
+        name="planted", unet=unet, scheduler=build_sampling_scheduler(), encode_prompts=None,
+        to_model_space=None, to_image_space=None, replication_score=None, replication_threshold=0.5,
+        replication_metric="", memorized=[], prompt_sets={}, embedding_shape=(4, 8), latent_shape=(3, 32, 32),
+        embedding_spread=1.0, num_inference_steps=10, guidance_scale=1.0, device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
+
+
+def test_nemo_finds_planted_neurons():
+    planted = [2, 7, 9]
+    backend = _planted_backend(planted)
+    generator = torch.Generator().manual_seed(0)
+    ordinary = torch.randn(200, 4, 8, generator=generator) * 0.1
+    layer = nemo.value_layers(backend.unet)[0]
+    to_v = backend.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v
+    memorized = torch.linalg.pinv(to_v.weight)[:, planted].sum(1).expand(1, 4, 8) * 3
+    activations = nemo.value_activations(backend, ordinary)
+    statistics = nemo.ActivationStatistics({layer: activations[layer].mean(0)}, {layer: activations[layer].std(0)})
+    threshold = 0.5
+    assert nemo.memorization_score(backend, memorized) > 0.9
+    assert nemo.memorization_score(backend, memorized, blocked={layer: planted}) < threshold
+    result = nemo.localize(backend, memorized, statistics, threshold)
+    assert result.memorized
+    assert result.neurons == {layer: planted}
+    assert result.refined_score < threshold
+
+
+def test_ms_ssim_is_one_for_identical_inputs_and_lower_otherwise():
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(nemo.ms_ssim(x, x), torch.ones(2), atol=1e-4)
+    assert torch.all(nemo.ms_ssim(x, torch.rand(2, 3, 32, 32)) < 0.5)

@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dori_utils.backends import BackendError, load_backend
+from dori_utils.organism import data as organism_data
+from dori_utils.sampling import generate_for_prompts
+
+
+def test_dataset_is_seeded_and_holds_out_captions():
+    first, recipe = organism_data.build_dataset(seed=3, n_ordinary=30, copies_per_photo=2, n_crops=11, n_faces=4)
+    second, _ = organism_data.build_dataset(seed=3, n_ordinary=30, copies_per_photo=2, n_crops=11, n_faces=4)
+    assert all(np.array_equal(a.image, b.image) and a.caption == b.caption for a, b in zip(first, second))
+    held_out = set(recipe["held_out_scene_captions"])
+    assert held_out and not held_out & {s.caption for s in first if s.kind == "ordinary"}
+    assert sum(s.kind == "memorized" for s in first) == 2 * len(organism_data.MEMORIZED_PHOTOS)
+
+
+def test_unseen_images_are_not_in_training():
+    samples, _ = organism_data.build_dataset(seed=0, n_ordinary=10, copies_per_photo=1, n_crops=11, n_faces=180)
+    unseen = organism_data.unseen_images(samples)
+    training = np.stack([s.image for s in samples]).astype(float)
+    for image, _caption in unseen.values():
+        assert np.abs(training - image.astype(float)).reshape(len(training), -1).mean(1).min() > 5
+
+
+def test_training_command_writes_a_loadable_checkpoint(tiny_organism_dir, tiny_backend):
+    manifest = json.loads((tiny_organism_dir / "manifest.json").read_text())
+    assert manifest["trained_steps"] == 4
+    assert (tiny_organism_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert len(tiny_backend.memorized) == len(organism_data.MEMORIZED_PHOTOS)
+    assert tiny_backend.memorized[0].references.shape == (1, 3, 32, 32)
+    embeddings = tiny_backend.encode_prompts(["a red circle left of a blue square, white background"])
+    assert embeddings.shape == (1, 16, 384)
+
+
+def test_seeded_sampling_is_bit_identical(tiny_backend):
+    prompts = ["a red circle left of a blue square, white background", ""]
+    first = generate_for_prompts(tiny_backend, prompts, seeds=[0, 1])
+    second = generate_for_prompts(tiny_backend, prompts, seeds=[0, 1])
+    assert torch.equal(first.images, second.images)
+    assert first.images.shape == (4, 3, 32, 32)
+    assert not torch.equal(first.images[0], first.images[1])
+
+
+def test_missing_and_corrupt_checkpoints_say_what_to_do(tmp_path, tiny_organism_dir):
+    with pytest.raises(BackendError, match="dori_utils.organism.train"):
+        load_backend("organism", device="cpu", path=tmp_path)
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_organism_dir, broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(BackendError, match="corrupt"):
+        load_backend("organism", device="cpu", path=broken)
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(BackendError, match="organism"):
+        load_backend("sd-v9")
