@@ -150,3 +150,45 @@ def test_ms_ssim_is_one_for_identical_inputs_and_lower_otherwise():
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(nemo.ms_ssim(x, x), torch.ones(2), atol=1e-4)
     assert torch.all(nemo.ms_ssim(x, torch.rand(2, 3, 32, 32)) < 0.5)
+
+
+def test_iou_counts_two_empty_sets_as_agreement():
+    from dori_utils import analysis
+
+    assert analysis.iou(set(), set()) == 1.0
+    assert analysis.iou({1, 2}, {2, 3}) == pytest.approx(1 / 3)
+    mean, empty_share = analysis.pairwise_iou([set(), set(), {1}])
+    assert mean == pytest.approx(1 / 3) and empty_share == pytest.approx(1 / 3)
+
+
+def test_pairwise_distances_match_a_direct_computation():
+    from dori_utils import analysis
+
+    x = torch.randn(4, 3, 5)
+    d = analysis.pairwise_distances(x)
+    assert d.shape == (6,)
+    assert d[0] == pytest.approx((x[0] - x[1]).norm().item(), rel=1e-5)
+    assert torch.allclose(analysis.cross_distances(x, x).diagonal(), torch.zeros(4), atol=1e-3)
+
+
+def test_layer_activations_cover_each_methods_layers(tiny_backend):
+    from dori_utils import analysis
+
+    embeddings = tiny_backend.encode_prompts(["a", "b", "c"])
+    acts = analysis.layer_activations(tiny_backend, embeddings, "nemo")
+    assert list(acts) == nemo.value_layers(tiny_backend.unet)
+    assert all(a.shape[:2] == (3, 16) for a in acts.values())
+    acts = analysis.layer_activations(tiny_backend, embeddings, "wanda")
+    assert list(acts) == wanda.ff_layers(tiny_backend.unet)
+    distances = analysis.mean_pairwise_distance(acts)
+    assert all(v > 0 for v in distances.values())
+
+
+def test_channels_touched_pairs_layers_of_the_same_transformer_block():
+    from dori_utils import analysis
+
+    block = "down_blocks.2.attentions.0.transformer_blocks.0"
+    mask = torch.zeros(4, 8, dtype=torch.bool)
+    mask[1, 3] = mask[2, 0] = True
+    touched = analysis.channels_touched({f"{block}.attn2.to_v": [1, 3]}, {f"{block}.ff.net.2": mask})
+    assert touched == {block: ({1, 3}, {1, 2})}

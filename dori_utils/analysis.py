@@ -1,0 +1,127 @@
+"""The three "not local" analyses: where triggers lie, what they activate, which weights they implicate.
+
+Pure functions over embeddings, activations and pruning selections; the chapters 2-4 call them.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dori_utils import hooks, nemo, wanda
+from dori_utils.sampling import initial_noise
+
+
+def pairwise_distances(embeddings: torch.Tensor) -> torch.Tensor:
+    """L2 distances between all pairs (i < j) of N x L x D embeddings, flattened."""
+    flat = embeddings.float().flatten(1)
+    i, j = torch.triu_indices(len(flat), len(flat), offset=1)
+    return (flat[i] - flat[j]).norm(dim=1)
+
+
+def cross_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L2 distances between every embedding of ``a`` and every embedding of ``b`` (len(a) x len(b))."""
+    return torch.cdist(a.float().flatten(1), b.float().flatten(1))
+
+
+def project_2d(points: np.ndarray, method: str = "umap", seed: int = 0) -> np.ndarray:
+    """2-D map of N x F points with UMAP or t-SNE, seeded (UMAP then runs single-threaded, as it warns)."""
+    points = np.asarray(points, dtype=np.float32).reshape(len(points), -1)
+    if method == "umap":
+        import umap
+
+        return umap.UMAP(n_neighbors=min(15, len(points) - 1), min_dist=0.3, random_state=seed, n_jobs=1).fit_transform(points)
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), random_state=seed, init="pca").fit_transform(points)
+    raise ValueError(f"Unknown projection {method!r}; use 'umap' or 'tsne'")
+
+
+@torch.no_grad()
+def layer_activations(backend, embeddings: torch.Tensor, method: str, seed: int = 0, timestep: int | None = None,
+                      batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """Activations in the layers a pruning method acts on, at one fixed noise and timestep, per embedding.
+
+    ``method="nemo"``: outputs of the down/mid ``attn2.to_v`` (N x tokens x width);
+    ``method="wanda"``: inputs of every ``ff.net.2`` (N x pixels x 4*width). Conditional branch only.
+    """
+    if method == "nemo":
+        layers, capture = nemo.value_layers(backend.unet), hooks.capture_outputs
+    elif method == "wanda":
+        layers, capture = wanda.ff_layers(backend.unet), hooks.capture_inputs
+    else:
+        raise ValueError(f"method must be 'nemo' or 'wanda', got {method!r}")
+    if timestep is None:
+        backend.scheduler.set_timesteps(backend.num_inference_steps)
+        timestep = int(backend.scheduler.timesteps[0])
+    collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    for start in range(0, len(embeddings), batch_size):
+        chunk = embeddings[start : start + batch_size].to(backend.device, backend.dtype)
+        x = initial_noise(backend, [seed]).expand(len(chunk), -1, -1, -1)
+        with capture(backend.unet, layers) as records:
+            backend.unet(x, timestep, chunk)
+        for name in layers:
+            collected[name].append(torch.cat(records[name]).float().cpu())
+    return {name: torch.cat(parts) for name, parts in collected.items()}
+
+
+def mean_pairwise_distance(activations: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per layer, the mean L2 distance between the activations of every pair of embeddings."""
+    return {name: pairwise_distances(a).mean().item() for name, a in activations.items()}
+
+
+def top_neurons(activations: dict[str, torch.Tensor], k: int) -> dict[str, list[set[int]]]:
+    """Per layer and embedding, the k channels with the largest mean |activation| over positions."""
+    return {name: [set(torch.topk(a.abs().mean(0), k).indices.tolist()) for a in acts]
+            for name, acts in activations.items()}
+
+
+def iou(a: set, b: set) -> float:
+    """Intersection over union; two empty sets agree fully (IoU 1), as the paper counts them."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def pairwise_iou(selections: list[set]) -> tuple[float, float]:
+    """Mean IoU over all pairs of sets, and the share of pairs where both sets were empty."""
+    pairs = [(a, b) for i, a in enumerate(selections) for b in selections[i + 1 :]]
+    if not pairs:
+        raise ValueError("need at least two selections to compare")
+    both_empty = sum(1 for a, b in pairs if not a and not b)
+    return float(np.mean([iou(a, b) for a, b in pairs])), both_empty / len(pairs)
+
+
+def layerwise_iou(selections: list[dict[str, set]]) -> dict[str, tuple[float, float]]:
+    """Per layer: (mean pairwise IoU, share of empty-empty pairs) across several selections."""
+    layers = sorted({name for s in selections for name in s}, key=lambda n: list(selections[0]).index(n) if n in selections[0] else 0)
+    return {name: pairwise_iou([s.get(name, set()) for s in selections]) for name in layers}
+
+
+def nemo_sets(neurons: dict[str, list[int]]) -> dict[str, set]:
+    """NeMo's selection as sets of (layer, channel)."""
+    return {name: set(channels) for name, channels in neurons.items()}
+
+
+def wanda_sets(masks: dict[str, torch.Tensor]) -> dict[str, set]:
+    """Wanda's selection as sets of (row, column) weight positions per layer."""
+    return {name: set(map(tuple, torch.nonzero(mask).tolist())) for name, mask in masks.items()}
+
+
+def transformer_block(layer: str) -> str:
+    """The transformer block a layer belongs to: 'down_blocks.2.attentions.0.transformer_blocks.0'."""
+    return layer.split(".attn2.")[0].split(".ff.")[0]
+
+
+def channels_touched(nemo_neurons: dict[str, list[int]], wanda_masks: dict[str, torch.Tensor]) -> dict[str, tuple[set, set]]:
+    """Per transformer block, the channels each method touches, in one unit: NeMo's ``to_v`` output channels,
+    and the ``ff.net.2`` output channels (rows) where Wanda zeroes any weight. Both index the block's width;
+    the match is positional (the two layers feed the residual stream through different projections)."""
+    result = {}
+    wanda_by_block = {transformer_block(n): m for n, m in wanda_masks.items()}
+    for name, channels in nemo_neurons.items():
+        block = transformer_block(name)
+        if block in wanda_by_block:
+            rows = set(torch.nonzero(wanda_by_block[block].any(dim=1)).flatten().tolist())
+            result[block] = (set(channels), rows)
+    return result
