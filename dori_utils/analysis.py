@@ -4,8 +4,11 @@ Pure functions over embeddings, activations and pruning selections; the chapters
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from dori_utils import hooks, nemo, wanda
 from dori_utils.sampling import initial_noise
@@ -125,3 +128,67 @@ def channels_touched(nemo_neurons: dict[str, list[int]], wanda_masks: dict[str, 
             rows = set(torch.nonzero(wanda_by_block[block].any(dim=1)).flatten().tolist())
             result[block] = (set(channels), rows)
     return result
+
+
+@dataclass
+class TriggerSet:
+    """Dori triggers found from many starting points, with the item each one targets and whether it works."""
+
+    item_ids: list[str]
+    start_kinds: list[str]  # "random" or "non-memorized prompt"
+    initial: torch.Tensor  # N x L x D
+    triggers: torch.Tensor  # N x L x D
+    scores: torch.Tensor  # N: median replication score over the evaluation seeds
+    replicates: torch.Tensor  # N, bool
+
+    def of(self, item_id: str, successful_only: bool = True) -> torch.Tensor:
+        keep = [i for i, x in enumerate(self.item_ids) if x == item_id and (self.replicates[i] or not successful_only)]
+        return self.triggers[keep]
+
+
+def collect_triggers(backend, items, item_context, n_random: int, start_prompts: list[str], steps: int = 50,
+                     seeds=(0, 1), seed: int = 0, progress: bool = False) -> TriggerSet:
+    """Run the Dori attack for each item from ``n_random`` N(0, s^2 I) starts and from each of ``start_prompts``
+    (non-memorized prompts), under ``item_context(i)`` (the item's pruning), and score every trigger."""
+    from dori_utils.attack import dori_attack, random_embeddings
+    from dori_utils.evaluation import evaluate_items
+
+    prompt_starts = backend.encode_prompts(start_prompts) if start_prompts else torch.empty(0, *backend.embedding_shape)
+    kinds = ["random"] * n_random + ["non-memorized prompt"] * len(prompt_starts)
+    parts = []
+    for i, item in enumerate(tqdm(items, desc="collecting triggers", disable=not progress)):
+        starts = torch.cat([random_embeddings(backend, n_random, seed=seed + i), prompt_starts.cpu().to(torch.float32)])
+        with item_context(i):
+            found = dori_attack(backend, item.references[:1].expand(len(starts), -1, -1, -1), starts, steps=steps, seed=seed + i)
+            evaluation = evaluate_items(backend, list(seeds), found.embeddings, items=[item] * len(starts))
+        median = evaluation.scores.median(dim=1).values
+        parts.append((item.id, found, median))
+    return TriggerSet(
+        item_ids=[item_id for item_id, found, _ in parts for _ in range(len(found.embeddings))],
+        start_kinds=kinds * len(parts),
+        initial=torch.cat([found.initial for _, found, _ in parts]),
+        triggers=torch.cat([found.embeddings for _, found, _ in parts]),
+        scores=torch.cat([median for _, _, median in parts]),
+        replicates=torch.cat([median for _, _, median in parts]) > backend.replication_threshold,
+    )
+
+
+def trigger_distances(triggers: TriggerSet, prompt_embeddings: dict[str, torch.Tensor],
+                      unrelated: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The distance distributions behind the "spread" claim.
+
+    Successful triggers only; an item with fewer than two successful triggers contributes all its attack
+    results to the same-image distances instead (so the figure still shows where the attack ended).
+    """
+    ids = sorted(set(triggers.item_ids), key=triggers.item_ids.index)
+    same = []
+    for item_id in ids:
+        found = triggers.of(item_id) if len(triggers.of(item_id)) > 1 else triggers.of(item_id, successful_only=False)
+        if len(found) > 1:
+            same.append(pairwise_distances(found))
+    ok = triggers.replicates if triggers.replicates.any() else torch.ones_like(triggers.replicates)
+    to_start = (triggers.triggers - triggers.initial).flatten(1).norm(dim=1)[ok]
+    to_prompt = torch.stack([(t - prompt_embeddings[i].cpu()).norm() for t, i, k in
+                             zip(triggers.triggers, triggers.item_ids, ok) if k])
+    return {"triggers of the same image": torch.cat(same), "two non-memorized prompts": pairwise_distances(unrelated),
+            "trigger to its start": to_start, "trigger to its memorized prompt": to_prompt}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 @dataclass
@@ -91,6 +91,19 @@ def dori_attack(
         if step in snapshot_steps:
             snapshots[step] = embedding.detach().cpu().clone()
     return AttackResult(embedding.detach().cpu().to(init.dtype), init.detach().cpu(), torch.stack(losses), snapshots)
+
+
+def attack_each(backend, targets: torch.Tensor, init: torch.Tensor, item_context, seed: int = 0, **kwargs) -> AttackResult:
+    """One attack per item, each under its own context (e.g. NeMo's per-prompt blocking), results stacked."""
+    parts = []
+    for i in range(len(init)):
+        with item_context(i):
+            parts.append(dori_attack(backend, targets[i : i + 1], init[i : i + 1], seed=seed + i, **kwargs))
+    steps = sorted(parts[0].snapshots)
+    return AttackResult(
+        torch.cat([p.embeddings for p in parts]), torch.cat([p.initial for p in parts]),
+        torch.cat([p.losses for p in parts], dim=1), {s: torch.cat([p.snapshots[s] for p in parts]) for s in steps},
+    )
 
 
 @torch.no_grad()

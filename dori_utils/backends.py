@@ -112,14 +112,21 @@ def _read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
 def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32) -> Backend:
-    """The model organism, from its diffusers-format checkpoint in ``data/organism`` (or ``path``)."""
+    """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
+    folder named by the environment variable ``DORI_ORGANISM_DIR``."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from dori_utils.metrics import ssim_score
     from dori_utils.organism.model import encode_text, load_text_encoder
 
-    path = Path(path or DEFAULT_ORGANISM_DIR)
+    path = Path(path or os.environ.get("DORI_ORGANISM_DIR") or DEFAULT_ORGANISM_DIR)
     device = torch.device(device or default_device())
     manifest_path = path / "manifest.json"
     if not (path / "unet" / "config.json").exists() or not manifest_path.exists():
@@ -130,7 +137,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         )
     try:
         manifest = json.loads(manifest_path.read_text())
-        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True)
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=dtype)
         scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
     except Exception as error:
         raise BackendError(
@@ -138,7 +145,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
             "Restore it with `git checkout -- data/organism`, or retrain it with "
             "`python -m dori_utils.organism.train --out data/organism`."
         ) from error
-    unet = unet.to(device, dtype).eval().requires_grad_(False)
+    unet = unet.to(device).eval().requires_grad_(False)
     tokenizer, encoder = load_text_encoder(device)
 
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
@@ -178,7 +185,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         guidance_scale=3.0,
         device=device,
         dtype=dtype,
-        info={"path": str(path), "manifest": manifest},
+        info={"path": str(path), "manifest": manifest, "fingerprint": _file_digest(path / "unet" / "diffusion_pytorch_model.safetensors")},
     )
 
 
@@ -190,6 +197,17 @@ def organism_training_data(backend: Backend):
     samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
                                config["n_crops"], config["n_faces"])
     return samples
+
+
+def organism_unseen_items(backend: Backend) -> list[MemorizedItem]:
+    """Photographs the organism never saw, as items with a caption and a reference: the attack's control."""
+    from dori_utils.organism.data import unseen_images
+
+    return [
+        MemorizedItem(name, caption, "none", torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255,
+                      "never in training")
+        for name, (image, caption) in unseen_images(organism_training_data(backend)).items()
+    ]
 
 
 def hub_offline() -> bool:

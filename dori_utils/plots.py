@@ -1,0 +1,60 @@
+"""Figures for the chapters: labelled image grids and comparisons, in the Okabe-Ito colour-blind-safe palette."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
+plt.rcParams["axes.prop_cycle"] = plt.cycler(color=OKABE_ITO)
+
+
+def to_numpy_image(image) -> np.ndarray:
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu()
+        if image.ndim == 3 and image.shape[0] in (1, 3):
+            image = image.permute(1, 2, 0)
+        image = image.numpy()
+    image = np.asarray(image)
+    return image / 255 if image.dtype == np.uint8 else np.clip(image, 0, 1)
+
+
+def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
+               title: str | None = None, cell: float = 1.3, captions: list[list[str]] | None = None):
+    """A grid of images: ``rows[i][j]`` is shown at row i, column j, with labels and optional captions."""
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 1.2, cell * n_rows + 0.4), squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([]), ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if j < len(row) and row[j] is not None:
+                ax.imshow(to_numpy_image(row[j]), interpolation="nearest")
+            if captions and j < len(captions[i]) and captions[i][j]:
+                ax.set_xlabel(captions[i][j], fontsize=7)
+            if i == 0 and col_labels and j < len(col_labels):
+                ax.set_title(col_labels[j], fontsize=8)
+            if j == 0 and row_labels:
+                ax.set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def paired_bars(labels: list[str], ours: list[float], paper: list[float], ylabel: str, title: str,
+                ours_label: str = "organism (ours)", paper_label: str = "SD v1.4 (paper)"):
+    """Our values beside the paper's, one pair of bars per label."""
+    x = np.arange(len(labels))
+    fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(labels) + 2), 3.2))
+    ax.bar(x - 0.2, ours, 0.4, label=ours_label, color=OKABE_ITO[4])
+    ax.bar(x + 0.2, [np.nan if p is None else p for p in paper], 0.4, label=paper_label, color=OKABE_ITO[0],
+           hatch="//", edgecolor="white")
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    return fig

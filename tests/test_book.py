@@ -1,0 +1,252 @@
+"""Tests of the book tooling (dori_utils/book.py) on throwaway notebooks, and of the built book when there is one."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from dori_utils import book
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAPTERS = ["00_memorization", "01_pruning_is_fragile", "02_trigger_spread", "03_activation_divergence",
+            "04_inconsistent_weights", "05_adversarial_finetuning"]
+
+
+def code(source, tags=(), outputs=(), count=None):
+    cell = nbformat.v4.new_code_cell(source, outputs=list(outputs), execution_count=count)
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def markdown(source, tags=()):
+    cell = nbformat.v4.new_markdown_cell(source)
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def notebook(*cells):
+    nb = nbformat.v4.new_notebook(cells=list(cells))
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+PARAMETERS = 'BACKEND = "organism"\nDEVICE = None\nSMOKE = False\nN = 3'
+
+
+def make_book(root: Path, chapters: dict[str, nbformat.NotebookNode]) -> Path:
+    """A tiny book: intro.md, chapters/<name>.ipynb in toc order, the real _config.yml and profiles."""
+    (root / "chapters").mkdir(parents=True)
+    (root / "profiles").mkdir()
+    (root / "intro.md").write_text("# Intro\n")
+    for name, nb in chapters.items():
+        nbformat.write(nb, root / "chapters" / f"{name}.ipynb")
+    toc = {"format": "jb-book", "root": "intro",
+           "parts": [{"caption": "Book", "chapters": [{"file": f"chapters/{n}"} for n in chapters]}]}
+    (root / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    (root / "_config.yml").write_text((ROOT / "_config.yml").read_text())
+    for profile in (ROOT / "profiles").glob("*.yaml"):
+        (root / "profiles" / profile.name).write_text(profile.read_text())
+    return root
+
+
+# --------------------------------------------------------------------------------------------- the repository
+
+def test_repository_toc_lists_the_six_chapters_then_the_course():
+    pages = [p.relative_to(ROOT).with_suffix("").as_posix() for p in book.toc_pages(ROOT)]
+    assert pages[0] == "intro"
+    assert pages[1:7] == [f"chapters/{c}" for c in CHAPTERS]
+    assert all(p.startswith("course/") for p in pages[7:]) and pages[7:]
+    assert [c.name for c in book.toc_chapters(ROOT)] == [f"{c}.ipynb" for c in CHAPTERS]
+    for page in book.toc_pages(ROOT):
+        assert page.suffix == ".ipynb" or page.exists(), page
+
+
+def test_config_renders_stored_outputs_and_launches_colab():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    assert config["execute"]["execute_notebooks"] == "off"  # quoted: a bare off would be False
+    assert config["only_build_toc_files"] is True
+    assert config["repository"] == {"url": "https://github.com/dori-book/finding-dori", "path_to_book": "",
+                                    "branch": "main"}
+    assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert config["launch_buttons"]["binderhub_url"] == "https://mybinder.org"
+    for pattern in ("_build", "student", "results", "benchmarks", ".ci", "tests", "README.md"):
+        assert pattern in config["exclude_patterns"]
+    # The URL lives in _config.yml only; the setup cell reads it from there.
+    assert "https://github.com/dori-book/finding-dori" in book.setup_cell_source(ROOT)
+
+
+def test_profiles():
+    assert book.load_profile("organism", ROOT) == {}
+    assert book.load_profile("smoke", ROOT) == {"SMOKE": True}  # a bool, not the string "true"
+    assert book.load_profile("sd-v1-4", ROOT) == {"BACKEND": "sd-v1-4", "DEVICE": "cuda"}
+    with pytest.raises(book.BookError, match="Known profiles"):
+        book.load_profile("nope", ROOT)
+
+
+def test_kernel_environment_is_offline_for_the_organism_only():
+    assert book.kernel_environment({})["HF_HUB_OFFLINE"] == "1"
+    assert book.kernel_environment({"SMOKE": True})["HF_HUB_OFFLINE"] == "1"
+    assert "HF_HUB_OFFLINE" not in book.kernel_environment(book.load_profile("sd-v1-4", ROOT))
+
+
+def test_setup_cell_is_valid_python_and_guarded():
+    source = book.setup_cell_source(ROOT)
+    compile(source, "setup-cell", "exec")
+    assert 'if "google.colab" in sys.modules:' in source
+    assert "torch" not in source.split("pip")[1].split("\n")[0]  # installs the package, not torch
+
+
+# --------------------------------------------------------------------------------------------- toc, selection
+
+def test_toc_parsing_nested_sections_and_extensions(tmp_path):
+    (tmp_path / "a.md").write_text("# A")
+    (tmp_path / "b.ipynb").write_text("{}")
+    toc = {"format": "jb-book", "root": "a",
+           "parts": [{"caption": "P", "chapters": [{"file": "b", "sections": [{"file": "c/d.ipynb"}]},
+                                                   {"file": "e"}]}]}
+    (tmp_path / "_toc.yml").write_text(yaml.safe_dump(toc))
+    pages = book.toc_pages(tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in pages] == ["a.md", "b.ipynb", "c/d.ipynb", "e.ipynb"]
+    assert [p.name for p in book.toc_chapters(tmp_path)] == ["b.ipynb", "d.ipynb", "e.ipynb"]
+    assert book.find_root(tmp_path / "c") == tmp_path
+
+
+def test_select_chapters_by_prefix_or_glob(tmp_path):
+    chapters = [tmp_path / "chapters" / f"{c}.ipynb" for c in CHAPTERS]
+    assert book.select_chapters(chapters, tmp_path, None) == chapters
+    assert [c.stem for c in book.select_chapters(chapters, tmp_path, ["03", "01_*"])] == [CHAPTERS[1], CHAPTERS[3]]
+    assert book.select_chapters(chapters, tmp_path, ["chapters/05*"]) == chapters[5:]
+    with pytest.raises(book.BookError, match="matches no chapter"):
+        book.select_chapters(chapters, tmp_path, ["99"])
+
+
+# --------------------------------------------------------------------------------------------- notebooks
+
+def test_strip_volatile_keeps_outputs_and_counts():
+    stream = nbformat.v4.new_output("stream", name="stdout", text="hi\n")
+    nb = notebook(code("print('hi')", outputs=[stream], count=1))
+    nb.metadata["papermill"] = {"duration": 1.0}
+    nb.cells[0].metadata["papermill"] = {"start_time": "2026"}
+    nb.cells[0].metadata["execution"] = {"iopub.execute_input": "2026"}
+    nb.cells[0].metadata["tags"] = ["keep"]
+    nb = book.strip_volatile(nb)
+    assert "papermill" not in nb.metadata and nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.cells[0].metadata == {"tags": ["keep"]}
+    assert nb.cells[0].outputs == [stream] and nb.cells[0].execution_count == 1
+
+
+def test_student_copy_removes_solutions_and_outputs(tmp_path):
+    stream = nbformat.v4.new_output("stream", name="stdout", text="42\n")
+    nb = notebook(
+        markdown("## Exercise 1\nCompute the answer."),
+        code("answer = 6 * 7\nprint(answer)", tags=["solution", "hide-cell"], outputs=[stream], count=3),
+        code("# SOLUTION\nx = 1", outputs=[stream], count=4),
+        markdown("```{admonition} Solution\n:class: dropdown\nBecause.\n```", tags=["solution"]),
+        code(PARAMETERS, tags=["parameters"], outputs=[stream], count=1),
+    )
+    nb.metadata["papermill"] = {"x": 1}
+    nb.metadata["widgets"] = {"y": 2}
+    make_book(tmp_path, {"00_x": nb})
+    written = book.write_student_copies(tmp_path, tmp_path / "student")
+    assert [p.name for p in written] == ["00_x.ipynb"]
+    copy = nbformat.read(written[0], as_version=4)
+    nbformat.validate(copy)
+    sources = [c.source for c in copy.cells]
+    assert sources == ["## Exercise 1\nCompute the answer.", "# Your solution here", "# Your solution here",
+                       "*Your answer here.*", PARAMETERS]
+    assert copy.cells[1].id == nb.cells[1].id  # stable ids: copies diff cleanly
+    assert all(c.outputs == [] and c.execution_count is None for c in copy.cells if c.cell_type == "code")
+    assert copy.cells[4].metadata == {"tags": ["parameters"]}
+    assert set(copy.metadata) <= {"kernelspec", "language_info"}
+    assert "answer = 6 * 7" not in written[0].read_text()
+
+
+def test_check_chapter_conventions(tmp_path):
+    good = notebook(code(book.setup_cell_source(ROOT), tags=["hide-input"]), code(PARAMETERS, tags=["parameters"]),
+                    markdown("## Exercises"), code("x = 1", tags=["solution", "hide-cell"]))
+    bad = notebook(code("import torch"), code("SMOKE = False", tags=["parameters"]), code("# SOLUTION\nx = 1"),
+                   code("1/0", outputs=[nbformat.v4.new_output("error", ename="ZeroDivisionError", evalue="",
+                                                               traceback=[])]))
+    nbformat.write(good, tmp_path / "good.ipynb")
+    nbformat.write(bad, tmp_path / "bad.ipynb")
+    assert book.check_chapter(tmp_path / "good.ipynb") == []
+    problems = "\n".join(book.check_chapter(tmp_path / "bad.ipynb"))
+    for expected in ("setup cell", "does not set BACKEND", "does not set DEVICE", "hide-cell", "error output"):
+        assert expected in problems
+
+
+# --------------------------------------------------------------------------------------------- execution
+
+def test_run_reports_the_failing_cell_and_keeps_what_ran(tmp_path, capsys):
+    ok = notebook(code(PARAMETERS, tags=["parameters"]), code("print('smoke' if SMOKE else 'full', N)"))
+    failing = notebook(code(PARAMETERS, tags=["parameters"]), code("y = 2"),
+                       code("import os\nprint(os.environ['HF_HUB_OFFLINE'], os.environ['DORI_RESULTS'])"),
+                       code("# the broken cell\nraise ValueError('boom')"), code("print('never')"))
+    root = make_book(tmp_path / "book", {"00_ok": ok, "01_failing": failing})
+
+    code_ = book.run_book(root, "smoke", build=False, output_dir=root / "out", progress=False)
+    assert code_ == 1
+    err = capsys.readouterr().err
+    assert "chapters/01_failing.ipynb failed at cell 3" in err  # as written: the injected cell is not counted
+    assert "# the broken cell" in err and "ValueError: boom" in err
+
+    executed = nbformat.read(root / "out" / "chapters" / "00_ok.ipynb", as_version=4)
+    assert executed.cells[1].metadata["tags"] == ["injected-parameters"]
+    assert executed.cells[2].outputs[0]["text"] == "smoke 3\n"
+    assert "papermill" not in executed.metadata
+    assert all("execution" not in c.metadata and "papermill" not in c.metadata for c in executed.cells)
+
+    partial = nbformat.read(root / "out" / "chapters" / "01_failing.ipynb", as_version=4)
+    offline = [c for c in partial.cells if "HF_HUB_OFFLINE" in c.source][0]
+    # Kept; the organism runs offline; results of runs into --output-dir stay there.
+    assert offline.outputs[0]["text"] == f"1 {root / 'out' / 'results'}\n"
+
+    timings = json.loads((root / "results" / "timings-smoke.json").read_text())
+    assert [(c["chapter"], c["status"]) for c in timings["chapters"]] == [
+        ("chapters/00_ok.ipynb", "ok"), ("chapters/01_failing.ipynb", "failed")]
+    assert timings["machine"]["cpu_count"] >= 1
+    # The sources are untouched: output went to --output-dir.
+    source = nbformat.read(root / "chapters" / "00_ok.ipynb", as_version=4)
+    assert len(source.cells) == 2 and not any(c.outputs for c in source.cells)
+
+
+def test_run_in_place_replaces_a_previous_profile(tmp_path):
+    nb = notebook(code(PARAMETERS, tags=["parameters"]), code("print(SMOKE)"))
+    root = make_book(tmp_path / "book", {"00_ok": nb})
+    path = root / "chapters" / "00_ok.ipynb"
+    book.execute_chapter(path, path, {"SMOKE": True}, progress=False)
+    assert nbformat.read(path, as_version=4).cells[2].outputs[0]["text"] == "True\n"
+    book.execute_chapter(path, path, {}, progress=False)  # organism: the stale injected cell must go
+    again = nbformat.read(path, as_version=4)
+    assert len(again.cells) == 2 and again.cells[1].outputs[0]["text"] == "False\n"
+    assert again.cells[1].execution_count == 2
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_chapter_follows_the_conventions(chapter):
+    path = ROOT / "chapters" / f"{chapter}.ipynb"
+    if not path.exists():
+        pytest.skip(f"{path.name} is not written yet")
+    assert book.check_chapter(path) == [], "see the conventions at the top of dori_utils/book.py"
+
+
+# --------------------------------------------------------------------------------------------- the built book
+
+@pytest.mark.skipif(not (ROOT / "_build" / "html").exists(), reason="no built book: run `dori-book run` first")
+def test_built_chapter_pages_hold_figures_and_tables():
+    html = ROOT / "_build" / "html"
+    for chapter in book.toc_chapters(ROOT):
+        page = html / chapter.relative_to(ROOT).with_suffix(".html")
+        assert page.exists(), f"{page} was not built"
+        text = page.read_text()
+        assert "<img" in text, f"{page.name} holds no figure"
+        assert "<table" in text, f"{page.name} holds no table"
+        for src in re.findall(r'<img[^>]+src="([^"]+)"', text):
+            if not src.startswith(("http", "data:")):
+                assert (page.parent / src).resolve().exists(), f"{page.name}: missing image {src}"

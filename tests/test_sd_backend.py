@@ -1,0 +1,186 @@
+"""The Stable Diffusion backend on a tiny random SD-1.x pipeline saved to disk: no Hub, no downloads."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dori_utils.backends import BackendError, load_backend
+from dori_utils.metrics import load_sscd, sscd_scorer
+from dori_utils.sampling import generate
+
+# SSCD ships only as TorchScript, which torch 2.13 deprecates; the stand-in must be TorchScript too.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MEMORIZED = FIXTURES / "nemo_memorized_6.csv"
+UNMEMORIZED = FIXTURES / "nemo_unmemorized_4.csv"
+VM_IDS = ["1030727993", "567947515", "851022632"]
+
+
+def _tiny_tokenizer(folder: Path):
+    """A character-level CLIP tokenizer: every letter and digit is a token, so no merges are needed."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in "abcdefghijklmnopqrstuvwxyz0123456789":
+        vocab[char] = len(vocab)
+        vocab[char + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> str:
+    """A 7 MB SD-1.x pipeline (16 px images, 8 x 8 latents, 32-d text embeddings) in diffusers format."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tokenizer = _tiny_tokenizer(folder)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(folder / "pipeline")
+    return str(folder / "pipeline")
+
+
+class TinySSCD(torch.nn.Module):
+    """Stands in for the SSCD TorchScript file: pooled convolution features, 8-d descriptors."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, kernel_size=5, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).relu().mean(dim=(2, 3))
+
+
+def _save_tiny_sscd(path: Path) -> Path:
+    torch.manual_seed(0)
+    torch.jit.save(torch.jit.script(TinySSCD()), str(path))
+    return path
+
+
+def _load(tiny_sd, **options):
+    options = {"prompt_table": MEMORIZED, "unmemorized_table": UNMEMORIZED, "reference_seeds": (), **options}
+    return load_backend("sd-v1-4", device="cpu", model_id=tiny_sd, **options)
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_sd, tmp_path_factory):
+    sscd_path = tmp_path_factory.mktemp("sscd") / "tiny_sscd.pt"  # written after loading: SSCD loads lazily
+    backend = _load(tiny_sd, reference_seeds=(0, 1), sscd_path=str(sscd_path))
+    _save_tiny_sscd(sscd_path)
+    return backend
+
+
+def test_loads_through_load_backend(backend):
+    assert backend.name == "sd-v1-4"
+    assert [m.id for m in backend.memorized] == VM_IDS
+    assert {m.kind for m in backend.memorized} == {"VM"}
+    assert backend.embedding_shape == (77, 32)
+    assert backend.latent_shape == (4, 8, 8)
+    assert backend.info["image_size"] == 16
+    assert (backend.num_inference_steps, backend.guidance_scale, backend.replication_threshold) == (50, 7.0, 0.7)
+    assert backend.embedding_spread == 1.0
+    assert len(backend.prompt_sets["nonmemorized"]) == 4
+    assert backend.prompt_sets["statistics"] == backend.prompt_sets["nonmemorized"]
+
+
+def test_references_are_the_models_own_generations(backend):
+    item = backend.memorized_item("567947515")
+    assert item.reference_source == "unmitigated model's generation"
+    assert item.references.shape == (2, 3, 16, 16)
+    again = generate(backend, backend.encode_prompts([item.prompt] * 2), [0, 1])
+    assert torch.allclose(again.images, item.references, atol=1e-5)  # another batch size: not bit-equal everywhere
+
+
+def test_shapes(backend):
+    embeddings = backend.encode_prompts(["a cat", "Sony Won't Release <i>The Interview</i> on VOD"])
+    assert embeddings.shape == (2, 77, 32)
+    assert backend.empty_embedding().shape == (1, 77, 32)
+    images = torch.rand(3, 3, 16, 16)
+    latents = backend.to_model_space(images)
+    assert latents.shape == (3, 4, 8, 8)
+    decoded = backend.to_image_space(latents)
+    assert decoded.shape == (3, 3, 16, 16)
+    assert decoded.min() >= 0 and decoded.max() <= 1
+
+
+def test_seeded_generation_is_bit_identical(backend):
+    embeddings = backend.encode_prompts(["a cat", "a dog"])
+    first = generate(backend, embeddings, [3, 4], num_inference_steps=3)
+    second = generate(backend, embeddings, [3, 4], num_inference_steps=3)
+    assert torch.equal(first.images, second.images)
+    assert torch.equal(first.wen_scores, second.wen_scores)
+    assert not torch.equal(first.images[0], first.images[1])
+
+
+def test_sscd_loads_lazily_and_scores(backend):
+    images = torch.rand(2, 3, 16, 16)
+    scores = backend.replication_score(images, images[:1])
+    assert scores.shape == (2,)
+    assert scores[0] == pytest.approx(1.0, abs=1e-5)
+    assert "SSCD" in backend.replication_metric and "320x320" in backend.replication_metric
+
+
+def test_load_sscd_and_scorer(tmp_path):
+    model = load_sscd(str(_save_tiny_sscd(tmp_path / "sscd.pt")))
+    score = sscd_scorer(model)
+    images = torch.rand(3, 3, 32, 32)
+    scores = score(images, images[1:])
+    assert scores.shape == (3,)
+    assert torch.allclose(scores[1:], torch.ones(2), atol=1e-5)
+
+
+def test_all_items_and_max_items(tiny_sd):
+    backend = _load(tiny_sd, vm_only=False, max_items=5)
+    assert [m.kind for m in backend.memorized] == ["VM", "TM", "VM", "VM", "TM"]
+    assert backend.memorized[0].reference_source == "none"
+    assert backend.memorized[0].references.shape == (0, 3, 16, 16)
+
+
+def test_ground_truth_dir(tiny_sd, tmp_path):
+    for item_id in VM_IDS:
+        (tmp_path / item_id).mkdir()
+        Image.new("RGB", (64, 48), (0, 0, 255)).save(tmp_path / item_id / "0.png")
+    backend = _load(tiny_sd, ground_truth_dir=tmp_path)
+    item = backend.memorized[0]
+    assert item.reference_source == "user-supplied ground truth"
+    assert item.references.shape == (1, 3, 16, 16)
+    assert torch.allclose(item.references[0, :, 5, 5], torch.tensor([0.0, 0.0, 1.0]))
+
+
+def test_unreachable_hub_raises_backend_error(tmp_path):
+    with pytest.raises(BackendError, match="HF_HOME") as raised:
+        load_backend("sd-v1-4", device="cpu", model_id="dori-tests/no-such-model", cache_dir=str(tmp_path))
+    message = str(raised.value)
+    assert "HF_HUB_OFFLINE=1" in message and "save_pretrained" in message
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_incomplete_local_directory_raises(tiny_sd, tmp_path):
+    (tmp_path / "unet").symlink_to(Path(tiny_sd) / "unet")
+    with pytest.raises(BackendError, match="not a complete Stable Diffusion checkpoint"):
+        load_backend("sd-v1-4", device="cpu", model_id=str(tmp_path))
+
+
+def test_unknown_backend_raises():
+    with pytest.raises(BackendError, match="Unknown backend 'sd-v2'"):
+        load_backend("sd-v2")
