@@ -1,0 +1,365 @@
+"""Adversarial fine-tuning (the paper's §5): train the whole UNet so that Dori's triggers draw a harmless surrogate.
+
+The recipe, per memorized image x_mem:
+
+1. **Surrogate** (``make_surrogates``, once, before training): the *pruned* model's generation from the original
+   prompt: similar content, not a copy. We keep the candidate seed with the lowest replication score and report
+   that score, so one can check that no surrogate is itself a replication.
+2. **Each epoch** (``adversarial_finetune``): run the Dori attack against the *current* model towards x_mem to
+   collect triggers per image: ``triggers_per_item`` embeddings, of which ``random_starts`` start from
+   N(0, s^2 I) (s = the backend's embedding spread) and the rest from the original prompt. The random starts are
+   persistent: each epoch continues them from where the previous epoch's attack left them, so a short attack per
+   epoch adds up to a long one (a choice of ours, to afford the attack on a CPU). The prompt starts restart from
+   the prompt every epoch, as the paper's main attack does. The original prompt embedding itself (a 0-step
+   trigger) is always in the adversarial set.
+3. **Updates**: ``steps_per_epoch`` AdamW steps on the full UNet with L = L_DM + L_adv (unweighted, as the paper):
+   L_DM is the standard diffusion loss on ordinary caption-image pairs (10% of captions replaced by the empty
+   caption, as in the organism's training); L_adv = ||eps - eps_theta(x~_t, t, y_adv)||^2 pulls the triggers to
+   the surrogate x~. Both use eps ~ N(0, I), t ~ U{0, T-1}.
+
+``use_triggers=False`` is the ablation the paper implies: the same updates, with the original prompt embedding as
+the only adversarial embedding (plain fine-tuning towards the surrogate, no attack in the loop).
+
+Fine-tuning starts from the unmitigated model (not the pruned one; the paper does not say) and always works on a
+float32 copy of the UNet: the loaded backend is never changed. The result holds a new :class:`Backend` (via
+``dataclasses.replace``) with the fine-tuned UNet in eval mode without gradients, like a loaded one.
+
+Our default sizes are for the organism on 2 CPU cores (the whole chapter in under 5 minutes): 3 epochs of
+20 updates, 2 triggers per item (1 from the prompt, 1 random start), 10 attack steps per epoch at the attack's
+batch of 8, L_DM batch 32, L_adv batch 16, AdamW lr 2e-4, no weight decay, gradient clipping at 1. For SD v1.4 on
+a Colab GPU: batches of 1-2, gradient checkpointing and ``optimizer="adafactor"`` (AdamW's two float32 states
+for 860M parameters do not fit next to the model on a 15 GB card).
+
+``save_finetuned`` writes the backend's own format, so ``load_backend`` loads the result:
+
+- organism: ``unet/`` (``save_pretrained``, safetensors), ``scheduler/``, ``references/`` and ``manifest.json``
+  copied from the source checkpoint, the manifest amended with a ``finetune`` entry;
+  ``load_backend("organism", path=out_dir)``;
+- SD: ``unet/`` plus the unchanged ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``;
+  ``load_backend("sd-v1-4", model_id=out_dir)``.
+
+Both also get ``finetune.json`` (configuration, loss curves, timings, cache key), which ``finetune_cached``
+reads to skip a fine-tuning that was already done.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dori_utils import attack
+from dori_utils.metrics import best_reference_score
+
+FINETUNE_FILE = "finetune.json"
+
+
+# --------------------------------------------------------------------------------------------- surrogates
+
+@dataclass
+class Surrogates:
+    images: torch.Tensor  # N x 3 x H x W in [0, 1]: the chosen surrogate per item
+    scores: torch.Tensor  # N: its replication score against the item's references
+    seeds: list[int]  # the seed that drew each surrogate
+    candidate_scores: torch.Tensor  # N x S: every candidate's score
+    threshold: float
+
+    @property
+    def all_below_threshold(self) -> bool:
+        return bool((self.scores <= self.threshold).all())
+
+
+def make_surrogates(backend, items, context=None, item_context=None, seeds=(0, 1, 2, 3)) -> Surrogates:
+    """The pruned model's generation from each item's original prompt, one per item.
+
+    ``context`` is a pruning open while sampling (e.g. ``wanda.prune(backend, masks)``), ``item_context(i)`` a
+    per-item one (NeMo). Of the candidates (one per seed), the one with the lowest replication score is kept:
+    the surrogate must not be a copy.
+    """
+    from dori_utils.evaluation import evaluate_items
+
+    result = evaluate_items(backend, list(seeds), items=items, context=context, item_context=item_context)
+    best = result.scores.argmin(dim=1)
+    index = torch.arange(len(items))
+    return Surrogates(result.images[index, best], result.scores[index, best], [list(seeds)[b] for b in best.tolist()],
+                      result.scores, backend.replication_threshold)
+
+
+# --------------------------------------------------------------------------------------------- L_DM data
+
+@dataclass
+class TrainingPairs:
+    """Caption-image pairs for L_DM: images in model space, captions as indices into their embeddings (CPU)."""
+
+    images: torch.Tensor  # N x C x H x W, model space
+    caption_index: torch.Tensor  # N
+    caption_embeddings: torch.Tensor  # K x L x D
+    empty_embedding: torch.Tensor  # 1 x L x D
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, n: int, generator: torch.Generator, caption_dropout: float = 0.1):
+        """n pairs drawn with replacement; a ``caption_dropout`` share gets the empty caption."""
+        index = torch.randint(0, len(self), (n,), generator=generator)
+        cond = self.caption_embeddings[self.caption_index[index]]
+        drop = torch.rand(n, generator=generator) < caption_dropout
+        cond = torch.where(drop[:, None, None], self.empty_embedding.expand_as(cond), cond)
+        return self.images[index], cond
+
+
+def make_pairs(backend, images: torch.Tensor, captions: list[str], batch_size: int = 64) -> TrainingPairs:
+    """Pairs from images (N x 3 x H x W in [0, 1]) and their captions, for any backend (SD: your LAION pairs)."""
+    if len(images) != len(captions):
+        raise ValueError(f"need one caption per image: {len(images)} images, {len(captions)} captions")
+    with torch.no_grad():
+        x0 = torch.cat([backend.to_model_space(images[i : i + batch_size]).float().cpu()
+                        for i in range(0, len(images), batch_size)])
+        unique = sorted(set(captions))
+        embeddings = torch.cat([backend.encode_prompts(unique[i : i + 256]).float().cpu()
+                                for i in range(0, len(unique), 256)])
+    position = {c: i for i, c in enumerate(unique)}
+    return TrainingPairs(x0, torch.tensor([position[c] for c in captions]), embeddings,
+                         backend.empty_embedding().float().cpu())
+
+
+def organism_pairs(backend, kinds=("ordinary", "natural"), max_pairs: int | None = None, seed: int = 0) -> TrainingPairs:
+    """The organism's own non-memorized training pairs (scenes and natural photographs): its LAION."""
+    from dori_utils.backends import organism_training_data
+
+    samples = [s for s in organism_training_data(backend) if s.kind in kinds]
+    if max_pairs is not None and max_pairs < len(samples):
+        keep = np.random.default_rng(seed).choice(len(samples), max_pairs, replace=False)
+        samples = [samples[i] for i in sorted(keep)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 255
+    return make_pairs(backend, images, [s.caption for s in samples])
+
+
+# --------------------------------------------------------------------------------------------- fine-tuning
+
+@dataclass
+class FinetuneConfig:
+    epochs: int = 3
+    steps_per_epoch: int = 20  # UNet updates per epoch
+    triggers_per_item: int = 2  # attacked embeddings per memorized image and epoch
+    random_starts: int = 1  # of which start from N(0, s^2 I); the rest from the prompt
+    attack_steps: int = 10  # Dori steps per epoch (random starts: cumulative over epochs)
+    attack_batch: int = 8  # (noise, timestep) pairs per embedding and attack step, as the paper
+    dm_batch: int = 32  # pairs per update for L_DM
+    adv_batch: int = 16  # (trigger, noise, timestep) triples per update for L_adv
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    caption_dropout: float = 0.1
+    grad_clip: float = 1.0
+    optimizer: str = "adamw"  # or "adafactor" (transformers), for SD on a small GPU
+    gradient_checkpointing: bool = False
+    use_triggers: bool = True  # False: the ablation, L_adv on the original prompt only
+    seed: int = 0
+
+
+@dataclass
+class FinetuneResult:
+    backend: object  # a Backend with the fine-tuned UNet
+    config: dict
+    history: dict  # l_dm, l_adv (per update), epoch_seconds, attack_loss (per epoch), total_seconds, machine
+    triggers: torch.Tensor | None = None  # the last epoch's adversarial set (CPU), None when loaded from disk
+    source: dict = field(default_factory=dict)
+
+    @property
+    def unet(self):
+        return self.backend.unet
+
+
+def _noised(x0: torch.Tensor, alphas: torch.Tensor, generator: torch.Generator):
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, len(alphas), (len(x0),), generator=generator)
+    a = alphas[t].view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
+
+
+def _denoising_mse(unet, x0, cond, alphas, generator, device) -> torch.Tensor:
+    noisy, t, noise = _noised(x0.float(), alphas, generator)
+    prediction = unet(noisy.to(device), t.to(device), cond.to(device, torch.float32)).sample
+    return torch.nn.functional.mse_loss(prediction.float(), noise.to(device))
+
+
+def _optimizer(name: str, parameters, lr: float, weight_decay: float):
+    if name == "adamw":
+        return torch.optim.AdamW(parameters, lr=lr, weight_decay=weight_decay)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(parameters, lr=lr, weight_decay=weight_decay, scale_parameter=False, relative_step=False)
+    raise ValueError(f"Unknown optimizer {name!r}: use 'adamw' or 'adafactor'")
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: TrainingPairs,
+                         config: FinetuneConfig | None = None, progress: bool = False, **overrides) -> FinetuneResult:
+    """Fine-tune a copy of ``backend.unet`` so that Dori's triggers for ``items`` draw ``surrogates`` instead.
+
+    ``surrogates``: N x 3 x H x W in [0, 1], one per item (``make_surrogates(...).images``). ``pairs``: the L_DM
+    data (``organism_pairs`` or ``make_pairs``). Settings come from ``config`` (:class:`FinetuneConfig`), with
+    keyword ``overrides`` (e.g. ``epochs=5, use_triggers=False``). The loaded backend is left as it was.
+    """
+    config = dataclasses.replace(config or FinetuneConfig(), **overrides)
+    if len(surrogates) != len(items):
+        raise ValueError(f"need one surrogate per item: {len(surrogates)} surrogates, {len(items)} items")
+    if config.use_triggers and not 0 <= config.random_starts <= config.triggers_per_item:
+        raise ValueError("random_starts must lie between 0 and triggers_per_item")
+    device = backend.device
+    unet = copy.deepcopy(backend.unet)
+    if next(unet.parameters()).dtype != torch.float32:
+        unet = unet.float()  # train in float32 whatever the backend's dtype
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    work = dataclasses.replace(backend, unet=unet, dtype=torch.float32)  # what the attack sees
+    generator = torch.Generator().manual_seed(config.seed)
+    alphas = backend.scheduler.alphas_cumprod.float().cpu()
+    n = len(items)
+    with torch.no_grad():
+        prompts = backend.encode_prompts([item.prompt for item in items]).float().cpu()
+        memorized = torch.cat([item.references[:1] for item in items]).float()
+        surrogate_x0 = backend.to_model_space(surrogates).float().cpu()
+    n_prompt_starts = config.triggers_per_item - config.random_starts
+    chains = attack.random_embeddings(backend, n * config.random_starts, seed=config.seed + 1).float()
+    optimizer = _optimizer(config.optimizer, unet.parameters(), config.lr, config.weight_decay)
+    history = {"l_dm": [], "l_adv": [], "epoch_seconds": [], "attack_seconds": [], "attack_loss": []}
+    adversarial = prompts
+    started = time.time()
+    bar = tqdm(total=config.epochs * config.steps_per_epoch, desc="adversarial fine-tuning" if config.use_triggers
+               else "fine-tuning (prompt only)", disable=not progress)
+    try:
+        for epoch in range(config.epochs):
+            epoch_start = time.time()
+            if config.use_triggers:
+                unet.eval().requires_grad_(False)  # the attack needs gradients for the embeddings only
+                inits = torch.cat([prompts.repeat_interleave(n_prompt_starts, dim=0), chains])
+                owners = torch.cat([torch.arange(n).repeat_interleave(n_prompt_starts),
+                                    torch.arange(n).repeat_interleave(config.random_starts)])
+                found = attack.dori_attack(work, memorized[owners], inits, steps=config.attack_steps,
+                                           batch_size=config.attack_batch, seed=config.seed + 1000 * (epoch + 1))
+                chains = found.embeddings[n * n_prompt_starts :].float()
+                adversarial = torch.cat([prompts, found.embeddings.float()])
+                adversarial_owner = torch.cat([torch.arange(n), owners])
+                history["attack_loss"].append(found.losses[-1].mean().item())
+                history["attack_seconds"].append(time.time() - epoch_start)
+            else:
+                adversarial_owner = torch.arange(n)
+            unet.train().requires_grad_(True)
+            for _ in range(config.steps_per_epoch):
+                x_dm, c_dm = pairs.sample(config.dm_batch, generator, config.caption_dropout)
+                l_dm = _denoising_mse(unet, x_dm, c_dm, alphas, generator, device)
+                pick = torch.randint(0, len(adversarial), (config.adv_batch,), generator=generator)
+                l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], alphas,
+                                       generator, device)
+                optimizer.zero_grad(set_to_none=True)
+                (l_dm + l_adv).backward()
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
+                optimizer.step()
+                history["l_dm"].append(l_dm.item())
+                history["l_adv"].append(l_adv.item())
+                bar.update(1)
+                bar.set_postfix(l_dm=f"{l_dm.item():.3f}", l_adv=f"{l_adv.item():.3f}")
+            history["epoch_seconds"].append(time.time() - epoch_start)
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        unet.eval().requires_grad_(False)
+        if config.gradient_checkpointing:
+            unet.disable_gradient_checkpointing()
+    history["total_seconds"] = time.time() - started
+    history["machine"] = machine()
+    if backend.dtype != torch.float32:
+        unet = unet.to(backend.dtype)
+    return FinetuneResult(dataclasses.replace(backend, unet=unet), dataclasses.asdict(config), history,
+                          adversarial.cpu())
+
+
+# --------------------------------------------------------------------------------------------- saving, caching
+
+def weights_fingerprint(unet) -> str:
+    """A short hash of a UNet's weights (per-tensor sums and norms): part of the cache key."""
+    with torch.no_grad():
+        stats = [f"{name}:{p.double().sum().item():.8e}:{p.double().norm().item():.8e}"
+                 for name, p in unet.state_dict().items()]
+    return hashlib.sha1("\n".join(stats).encode()).hexdigest()[:16]
+
+
+def tensor_fingerprint(x: torch.Tensor) -> str:
+    return hashlib.sha1(x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def save_finetuned(result, out_dir, source_dir=None, key: dict | None = None) -> Path:
+    """Write a fine-tuned model in its backend's format (see the module docstring); returns ``out_dir``.
+
+    ``result`` is a :class:`FinetuneResult` (its configuration and curves go to ``finetune.json``) or a Backend.
+    ``source_dir``: the organism checkpoint it came from (default: the backend's own path).
+    """
+    backend = result.backend if isinstance(result, FinetuneResult) else result
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"backend": backend.name, "key": key or {}}
+    if isinstance(result, FinetuneResult):
+        record.update(config=result.config, history=result.history, source=result.source)
+    backend.unet.save_pretrained(out / "unet", safe_serialization=True)
+    if backend.name == "organism":
+        source = Path(source_dir or backend.info["path"])
+        for folder in ("scheduler", "references"):
+            if (out / folder).exists():
+                shutil.rmtree(out / folder)
+            shutil.copytree(source / folder, out / folder)
+        manifest = json.loads((source / "manifest.json").read_text())
+        manifest["finetune"] = {"from": str(source), "config": record.get("config"),
+                                "seconds": record.get("history", {}).get("total_seconds")}
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    else:
+        backend.scheduler.save_pretrained(out / "scheduler")
+        for name in ("vae", "text_encoder", "tokenizer"):
+            backend.info[name].save_pretrained(out / name)
+    (out / FINETUNE_FILE).write_text(json.dumps(record, indent=1, default=float))
+    return out
+
+
+def load_finetuned(backend, out_dir) -> FinetuneResult:
+    """The fine-tuned UNet in ``out_dir`` put into ``backend`` (its other parts are unchanged), with the record."""
+    from diffusers import UNet2DConditionModel
+
+    out = Path(out_dir)
+    record = json.loads((out / FINETUNE_FILE).read_text())
+    unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True, torch_dtype=backend.dtype)
+    unet = unet.to(backend.device).eval().requires_grad_(False)
+    return FinetuneResult(dataclasses.replace(backend, unet=unet), record.get("config", {}), record.get("history", {}),
+                          None, record.get("source", {}))
+
+
+def finetune_cached(backend, out_dir, key: dict, compute: Callable[[], FinetuneResult]) -> FinetuneResult:
+    """Load the fine-tuned model in ``out_dir`` if it was made with the same ``key``; else ``compute()``, save, return.
+
+    Put into ``key`` everything the result depends on: the configuration, ``weights_fingerprint`` of the source
+    UNet, the items and a fingerprint of the surrogates.
+    """
+    out = Path(out_dir)
+    key = json.loads(json.dumps(key, default=str))
+    if (out / FINETUNE_FILE).exists() and (out / "unet").exists():
+        stored = json.loads((out / FINETUNE_FILE).read_text())
+        if stored.get("key") == key:
+            return load_finetuned(backend, out)
+    result = compute()
+    save_finetuned(result, out, key=key)
+    return result
