@@ -165,6 +165,9 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
     prompt_sets["nonmemorized"] = prompt_sets["heldout_ordinary"] + prompt_sets["unseen_natural"]
     # NeMo's statistics come from LAION prompts the model was trained on but did not memorize.
     prompt_sets["statistics"] = prompt_sets["training_ordinary"] + prompt_sets["training_natural"]
+    # The spread scales the attack's learning rate and random starts: measure it on the training captions.
+    spread_sample = prompt_sets["statistics"][:: max(1, len(prompt_sets["statistics"]) // 256)]
+    embedding_spread = round(encode_prompts(spread_sample).float().std().item(), 3)
     size = manifest["image_size"]
     return Backend(
         name="organism",
@@ -180,7 +183,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         prompt_sets=prompt_sets,
         embedding_shape=(16, 384),
         latent_shape=(3, size, size),
-        embedding_spread=float(manifest.get("embedding_spread", 0.45)),
+        embedding_spread=embedding_spread,
         num_inference_steps=20,
         guidance_scale=3.0,
         device=device,

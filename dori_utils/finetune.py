@@ -173,6 +173,7 @@ class FinetuneResult:
     config: dict
     history: dict  # l_dm, l_adv (per update), epoch_seconds, attack_loss (per epoch), total_seconds, machine
     triggers: torch.Tensor | None = None  # the last epoch's adversarial set (CPU), None when loaded from disk
+    trigger_items: torch.Tensor | None = None  # which item each trigger belongs to
     source: dict = field(default_factory=dict)
 
     @property
@@ -239,7 +240,7 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
     chains = attack.random_embeddings(backend, n * config.random_starts, seed=config.seed + 1).float()
     optimizer = _optimizer(config.optimizer, unet.parameters(), config.lr, config.weight_decay)
     history = {"l_dm": [], "l_adv": [], "epoch_seconds": [], "attack_seconds": [], "attack_loss": []}
-    adversarial = prompts
+    adversarial, adversarial_owner = prompts, torch.arange(n)
     started = time.time()
     bar = tqdm(total=config.epochs * config.steps_per_epoch, desc="adversarial fine-tuning" if config.use_triggers
                else "fine-tuning (prompt only)", disable=not progress)
@@ -258,8 +259,6 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
                 adversarial_owner = torch.cat([torch.arange(n), owners])
                 history["attack_loss"].append(found.losses[-1].mean().item())
                 history["attack_seconds"].append(time.time() - epoch_start)
-            else:
-                adversarial_owner = torch.arange(n)
             unet.train().requires_grad_(True)
             for _ in range(config.steps_per_epoch):
                 x_dm, c_dm = pairs.sample(config.dm_batch, generator, config.caption_dropout)
@@ -288,7 +287,8 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
     if backend.dtype != torch.float32:
         unet = unet.to(backend.dtype)
     return FinetuneResult(dataclasses.replace(backend, unet=unet), dataclasses.asdict(config), history,
-                          adversarial.cpu())
+                          adversarial.cpu(), adversarial_owner,
+                          {"backend": backend.name, "from": str(backend.info.get("path") or backend.info.get("model_id"))})
 
 
 # --------------------------------------------------------------------------------------------- saving, caching
@@ -345,7 +345,7 @@ def load_finetuned(backend, out_dir) -> FinetuneResult:
     unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True, torch_dtype=backend.dtype)
     unet = unet.to(backend.device).eval().requires_grad_(False)
     return FinetuneResult(dataclasses.replace(backend, unet=unet), record.get("config", {}), record.get("history", {}),
-                          None, record.get("source", {}))
+                          source=record.get("source", {}))
 
 
 def finetune_cached(backend, out_dir, key: dict, compute: Callable[[], FinetuneResult]) -> FinetuneResult:

@@ -184,3 +184,25 @@ def test_incomplete_local_directory_raises(tiny_sd, tmp_path):
 def test_unknown_backend_raises():
     with pytest.raises(BackendError, match="Unknown backend 'sd-v2'"):
         load_backend("sd-v2")
+
+
+def test_the_books_methods_run_unchanged_on_the_sd_backend(backend):
+    """Chapters switch backends by one parameter: every method must accept the SD backend as it is."""
+    from dori_utils import analysis, attack, nemo, wanda
+    from dori_utils.evaluation import evaluate_items
+
+    items = backend.memorized[:2]
+    statistics, threshold, localized = nemo.mitigate_items(backend, items, n_statistics=4, n_calibration=4)
+    assert len(localized) == 2 and threshold > 0
+    masks = wanda.find_weights(backend, backend.encode_prompts([i.prompt for i in items]), union_steps=2,
+                               num_inference_steps=4)
+    assert set(masks) == set(wanda.ff_layers(backend.unet))
+    targets = torch.cat([i.references[:1] for i in items])
+    start = backend.encode_prompts([i.prompt for i in items])
+    with wanda.prune(backend, masks):
+        found = attack.dori_attack(backend, targets, start, steps=2)
+    assert found.embeddings.shape == start.shape and torch.isfinite(found.losses).all()
+    evaluation = evaluate_items(backend, [5], found.embeddings, items=items, num_inference_steps=3)
+    assert evaluation.scores.shape == (2, 1)
+    activations = analysis.layer_activations(backend, found.embeddings, "nemo")
+    assert list(activations) == nemo.value_layers(backend.unet)

@@ -1,0 +1,84 @@
+"""Adversarial fine-tuning on the tiny organism: one step helps, the loaded model is untouched, the save reloads."""
+import copy
+
+import pytest
+import torch
+
+from dori_utils import attack, finetune
+from dori_utils.backends import load_backend
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_backend):
+    items = tiny_backend.memorized[:2]
+    # Surrogates: any images that are not the references will do for the mechanics.
+    surrogates = torch.stack([item.references[0].flip(-1) for item in items])
+    pairs = finetune.organism_pairs(tiny_backend, max_pairs=32)
+    return items, surrogates, pairs
+
+
+SMALL = dict(epochs=1, steps_per_epoch=1, triggers_per_item=2, random_starts=1, attack_steps=2, attack_batch=2,
+             dm_batch=4, adv_batch=12, lr=1e-3, seed=0)
+
+
+def _state(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def test_one_step_lowers_the_adversarial_loss_and_leaves_the_backend_alone(tiny_backend, setting):
+    items, surrogates, pairs = setting
+    original = _state(tiny_backend.unet)
+    result = finetune.adversarial_finetune(tiny_backend, items, surrogates, pairs, **SMALL)
+
+    assert result.triggers.shape == (2 + 2 * 2, *tiny_backend.embedding_shape)  # prompts + 2 triggers per item
+    assert result.trigger_items.tolist() == [0, 1, 0, 1, 0, 1]
+    targets = surrogates[result.trigger_items]
+    before = attack.denoising_loss(tiny_backend, targets, result.triggers, seed=3)
+    after = attack.denoising_loss(result.backend, targets, result.triggers, seed=3)
+    assert after.mean() < before.mean()
+    assert len(result.history["l_dm"]) == len(result.history["l_adv"]) == 1
+    assert len(result.history["epoch_seconds"]) == 1 and result.history["total_seconds"] > 0
+
+    # The loaded backend: same weights, still frozen and in eval mode; the result is frozen too.
+    assert all(torch.equal(v, original[k]) for k, v in tiny_backend.unet.state_dict().items())
+    for unet in (tiny_backend.unet, result.unet):
+        assert not unet.training and not any(p.requires_grad for p in unet.parameters())
+        assert all(p.grad is None for p in unet.parameters())
+    assert result.unet is not tiny_backend.unet
+
+
+def test_ablation_uses_the_prompts_only(tiny_backend, setting):
+    items, surrogates, pairs = setting
+    result = finetune.adversarial_finetune(tiny_backend, items, surrogates, pairs, **{**SMALL, "use_triggers": False})
+    assert torch.allclose(result.triggers, tiny_backend.encode_prompts([item.prompt for item in items]))
+    assert result.history["attack_loss"] == []
+
+
+def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_path):
+    items, surrogates, pairs = setting
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return finetune.adversarial_finetune(tiny_backend, items, surrogates, pairs, **SMALL)
+
+    key = {"config": SMALL, "source": finetune.weights_fingerprint(tiny_backend.unet)}
+    result = finetune.finetune_cached(tiny_backend, tmp_path / "ft", key, compute)
+    loaded = load_backend("organism", device="cpu", path=tmp_path / "ft")
+    assert loaded.info["manifest"]["finetune"]["config"]["lr"] == SMALL["lr"]
+    assert [m.id for m in loaded.memorized] == [m.id for m in tiny_backend.memorized]
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *tiny_backend.latent_shape, generator=generator)
+    t = torch.tensor([10, 500])
+    y = torch.randn(2, *tiny_backend.embedding_shape, generator=generator)
+    with torch.no_grad():
+        assert torch.equal(loaded.unet(x, t, y).sample, result.unet(x, t, y).sample)
+        assert not torch.equal(loaded.unet(x, t, y).sample, tiny_backend.unet(x, t, y).sample)
+
+    again = finetune.finetune_cached(tiny_backend, tmp_path / "ft", key, compute)  # from the cache
+    assert len(calls) == 1
+    assert again.history["l_adv"] == pytest.approx(result.history["l_adv"])
+    assert finetune.weights_fingerprint(again.unet) == finetune.weights_fingerprint(result.unet)
+    finetune.finetune_cached(tiny_backend, tmp_path / "ft", {**key, "source": "other"}, compute)  # new key: recompute
+    assert len(calls) == 2
