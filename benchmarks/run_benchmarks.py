@@ -154,6 +154,67 @@ def sd_unet_benchmark(batch: int = 8, tokens: int = 77, repeats: int = 3, device
     return rows
 
 
+# Dense peak TFLOP/s per dtype (vendor data sheets, without sparsity), for the share of the FLOP floor.
+PEAK_TFLOPS = {
+    "H100": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0},
+    "H200": {"fp32": 67.0, "fp16": 989.0, "bf16": 989.0},
+    "A100": {"fp32": 19.5, "fp16": 312.0, "bf16": 312.0},
+    "L4": {"fp32": 30.3, "fp16": 121.0, "bf16": 121.0},
+    "T4": {"fp32": 8.1, "fp16": 65.0, "bf16": None},
+}
+
+
+def step_flops(unet, batch: int, tokens: int, dtype, device) -> int:
+    """FLOPs of one forward and backward of the attack step, counted by torch's FlopCounterMode."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = unet.config
+    latents = torch.randn(batch, config.in_channels, config.sample_size, config.sample_size, device=device, dtype=dtype)
+    embedding = torch.randn(batch, tokens, config.cross_attention_dim, device=device, dtype=dtype, requires_grad=True)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        unet(latents, t, encoder_hidden_states=embedding).sample.float().pow(2).mean().backward()
+    return counter.get_total_flops()
+
+
+def add_flop_floor(rows: list[dict], flops: dict, gpu_name: str | None) -> None:
+    """Achieved TFLOP/s and, where the GPU's peak is known, the share of the FLOP floor each setting reaches."""
+    peaks = next((v for k, v in PEAK_TFLOPS.items() if gpu_name and k in gpu_name), {})
+    for row in rows:
+        if "seconds_per_step" not in row:
+            continue
+        achieved = flops[row["dtype"]] / row["seconds_per_step"] / 1e12
+        row["step_tflop"] = round(flops[row["dtype"]] / 1e12, 3)
+        row["achieved_tflops"] = round(achieved, 2)
+        if peaks.get(row["dtype"]):
+            row["share_of_peak"] = round(achieved / peaks[row["dtype"]], 3)
+
+
+def organism_methods_benchmark(repeats: int = 1) -> dict:
+    """Wall time of one Dori attack (one embedding, 50 steps, batch 8) and of NeMo for one prompt, on the organism."""
+    import torch
+
+    from dori_utils import attack, load_backend, nemo
+
+    backend = load_backend("organism")
+    item = backend.memorized[0]
+    embedding = backend.encode_prompts([item.prompt])
+    statistics, threshold, _ = nemo.mitigate_items(backend, [], n_statistics=3000, n_calibration=100)
+    timings = {}
+    started = time.perf_counter()
+    for _ in range(repeats):
+        attack.dori_attack(backend, item.references[:1], embedding, steps=50)
+    timings["dori_attack_50_steps_seconds"] = round((time.perf_counter() - started) / repeats, 2)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        result = nemo.localize(backend, embedding, statistics, threshold)
+    timings["nemo_localisation_seconds"] = round((time.perf_counter() - started) / repeats, 2)
+    timings["nemo_evaluations"] = result.evaluations
+    timings["torch_threads"] = torch.get_num_threads()
+    return timings
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--chapters", nargs="+", metavar="PATTERN", help="only these chapters (as dori-book run)")
@@ -161,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="organism", help="profile for the chapters (default organism)")
     parser.add_argument("--sd-unet", action="store_true", help="also time a Dori step on an SD-shaped UNet (GPU)")
     parser.add_argument("--batch", type=int, default=8, help="attack batch for --sd-unet (default 8)")
+    parser.add_argument("--methods", action="store_true", help="also time one Dori attack and NeMo for one prompt")
     parser.add_argument("--machine", help="name of the results file (default: from the GPU or CPU count)")
     args = parser.parse_args(argv)
 
@@ -169,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
     record = {"machine": info, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": args.profile}
     if args.sd_unet:
         require_cuda()  # before the chapters: fail fast, with the message
+    if args.methods:
+        print("Organism methods: one Dori attack, NeMo for one prompt")
+        record["organism_methods"] = organism_methods_benchmark()
+        print(f"  {record['organism_methods']}")
     if not args.no_chapters:
         print(f"Chapters, profile {args.profile!r}, on {info['cpu_count']} CPU core(s), GPU: {info['gpu']}")
         record["chapters"] = time_chapters(root, args.chapters, args.profile)
@@ -176,6 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd_unet:
         print(f"SD v1.4-shaped UNet, one Dori attack step, batch {args.batch}, on {info['gpu']}")
         record["sd_unet_attack_step"] = sd_unet_benchmark(batch=args.batch)
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel(**SD_V1_4_UNET).to("cuda").requires_grad_(False)
+        flops = {}
+        for name, dtype in (("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)):
+            flops[name] = step_flops(unet.to(dtype), args.batch, 77, dtype, "cuda")
+        add_flop_floor(record["sd_unet_attack_step"], flops, info["gpu"])
     out = HERE / "results" / f"{args.machine or default_machine_name(info)}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")

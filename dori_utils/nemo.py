@@ -281,6 +281,8 @@ def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int 
     statistics = activation_statistics(backend, list(rng.choice(pool, min(n_statistics, len(pool)), replace=False)))
     pool = backend.prompt_sets["nonmemorized"]
     threshold, _ = calibrate_threshold(backend, list(rng.choice(pool, min(n_calibration, len(pool)), replace=False)))
+    if not items:
+        return statistics, threshold, []
     embeddings = backend.encode_prompts([item.prompt for item in items])
     localized = [localize(backend, e[None], statistics, threshold)
                  for e in tqdm(embeddings, desc="NeMo localisation", disable=not progress)]

@@ -35,7 +35,7 @@ def test_one_step_lowers_the_adversarial_loss_and_leaves_the_backend_alone(tiny_
     targets = surrogates[result.trigger_items]
     before = attack.denoising_loss(tiny_backend, targets, result.triggers, seed=3)
     after = attack.denoising_loss(result.backend, targets, result.triggers, seed=3)
-    assert after.mean() < before.mean()
+    assert after.mean() < before.mean(), (before, after)
     assert len(result.history["l_dm"]) == len(result.history["l_adv"]) == 1
     assert len(result.history["epoch_seconds"]) == 1 and result.history["total_seconds"] > 0
 
@@ -82,3 +82,11 @@ def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_p
     assert finetune.weights_fingerprint(again.unet) == finetune.weights_fingerprint(result.unet)
     finetune.finetune_cached(tiny_backend, tmp_path / "ft", {**key, "source": "other"}, compute)  # new key: recompute
     assert len(calls) == 2
+
+
+def test_surrogates_keep_the_least_similar_candidate(tiny_backend):
+    items = tiny_backend.memorized[:2]
+    surrogates = finetune.make_surrogates(tiny_backend, items, seeds=(0, 1, 2))
+    assert surrogates.images.shape == (2, *items[0].references.shape[1:])
+    assert torch.equal(surrogates.scores, surrogates.candidate_scores.min(dim=1).values)
+    assert all(s in (0, 1, 2) for s in surrogates.seeds)
