@@ -155,6 +155,7 @@ class FinetuneConfig:
     random_starts: int = 1  # of which start from N(0, s^2 I); the rest from the prompt
     attack_steps: int = 10  # Dori steps per epoch (random starts: cumulative over epochs)
     attack_batch: int = 8  # (noise, timestep) pairs per embedding and attack step, as the paper
+    attack_chunk: int = 64  # embeddings per UNet pass in the attack (SD on a small GPU: 1)
     dm_batch: int = 32  # pairs per update for L_DM
     adv_batch: int = 16  # (trigger, noise, timestep) triples per update for L_adv
     lr: float = 2e-4
@@ -253,7 +254,8 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
                 owners = torch.cat([torch.arange(n).repeat_interleave(n_prompt_starts),
                                     torch.arange(n).repeat_interleave(config.random_starts)])
                 found = attack.dori_attack(work, memorized[owners], inits, steps=config.attack_steps,
-                                           batch_size=config.attack_batch, seed=config.seed + 1000 * (epoch + 1))
+                                           batch_size=config.attack_batch, chunk_size=config.attack_chunk,
+                                           seed=config.seed + 1000 * (epoch + 1))
                 chains = found.embeddings[n * n_prompt_starts :].float()
                 adversarial = torch.cat([prompts, found.embeddings.float()])
                 adversarial_owner = torch.cat([torch.arange(n), owners])
@@ -286,12 +288,19 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
     history["machine"] = machine()
     if backend.dtype != torch.float32:
         unet = unet.to(backend.dtype)
-    return FinetuneResult(dataclasses.replace(backend, unet=unet), dataclasses.asdict(config), history,
+    return FinetuneResult(_with_unet(backend, unet), dataclasses.asdict(config), history,
                           adversarial.cpu(), adversarial_owner,
                           {"backend": backend.name, "from": str(backend.info.get("path") or backend.info.get("model_id"))})
 
 
 # --------------------------------------------------------------------------------------------- saving, caching
+
+def _with_unet(backend, unet):
+    """A copy of ``backend`` with another UNet; its fingerprint (the cache key of other chapters) follows the weights."""
+    info = {**backend.info, "fingerprint": f"finetuned-{weights_fingerprint(unet)}",
+            "finetuned_from": backend.info.get("fingerprint")}
+    return dataclasses.replace(backend, unet=unet, info=info)
+
 
 def weights_fingerprint(unet) -> str:
     """A short hash of a UNet's weights (per-tensor sums and norms): part of the cache key."""
@@ -344,7 +353,7 @@ def load_finetuned(backend, out_dir) -> FinetuneResult:
     record = json.loads((out / FINETUNE_FILE).read_text())
     unet = UNet2DConditionModel.from_pretrained(out / "unet", local_files_only=True, torch_dtype=backend.dtype)
     unet = unet.to(backend.device).eval().requires_grad_(False)
-    return FinetuneResult(dataclasses.replace(backend, unet=unet), record.get("config", {}), record.get("history", {}),
+    return FinetuneResult(_with_unet(backend, unet), record.get("config", {}), record.get("history", {}),
                           source=record.get("source", {}))
 
 

@@ -3,7 +3,8 @@
 The run is seeded end to end (data recipe, initial weights, batches, noise) and writes a diffusers-format
 checkpoint (`unet/` via `save_pretrained`, safetensors; `scheduler/`), the memorized reference images,
 the loss curve and a manifest with the data recipe, captions, training config and package versions.
-A checkpoint is written every `save_every` steps, so an interrupted run keeps what it learned.
+A checkpoint is written every `save_every` steps, so an interrupted run keeps what it learned. Results depend
+on the number of CPU threads (floating-point summation order): the shipped checkpoint records its own.
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class TrainConfig:
     warmup_steps: int = 100
     caption_dropout: float = 0.1  # empty-caption share, for classifier-free guidance
     save_every: int = 500
+    stop_at: int | None = None  # end the run early on the same schedule (the checkpoint then records it)
     threads: int = 2
     n_ordinary: int = 3000
     copies_per_photo: int = 80
@@ -118,7 +120,7 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     }
     losses: list[float] = []
     started = time.time()
-    bar = tqdm(range(config.steps), desc="training organism", disable=not progress)
+    bar = tqdm(range(config.stop_at or config.steps), desc="training organism", disable=not progress)
     for step in bar:
         index = torch.randint(0, len(samples), (config.batch_size,), generator=generator)
         x0 = images[index]
@@ -137,7 +139,7 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
         schedule.step()
         losses.append(loss.item())
         bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == config.steps:
+        if (step + 1) % config.save_every == 0 or step + 1 == (config.stop_at or config.steps):
             manifest["trained_steps"] = step + 1
             manifest["train_seconds"] = round(time.time() - started, 1)
             _write_checkpoint(out, unet, manifest, losses)
@@ -152,6 +154,8 @@ def main(argv=None) -> None:
                  "n_crops", "n_faces"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this many steps of the --steps schedule (the learning rate follows --steps)")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet, for tests")
     args = parser.parse_args(argv)
     overrides = TINY_UNET if args.tiny else {}
