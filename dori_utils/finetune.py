@@ -3,8 +3,11 @@
 The recipe, per memorized image x_mem:
 
 1. **Surrogate** (``make_surrogates``, once, before training): the *pruned* model's generation from the original
-   prompt: similar content, not a copy. We keep the candidate seed with the lowest replication score and report
-   that score, so one can check that no surrogate is itself a replication.
+   prompt: similar content, not a copy. Of a few seeds we keep the most similar candidate whose replication score
+   stays under a ceiling, and report the scores, so one can check that no surrogate is itself a replication. ``pruned_surrogates`` escalates the
+   pruning for the items whose surrogate still scores above a ceiling: Wanda's global mask at 10%, then 30%, then
+   50% with all of NeMo's value neurons blocked too. Each item gets the mildest pruning that draws a non-copy
+   (the organism's memorization survives Wanda 10% for some images).
 2. **Each epoch** (``adversarial_finetune``): run the Dori attack against the *current* model towards x_mem to
    collect triggers per image: ``triggers_per_item`` embeddings, of which ``random_starts`` start from
    N(0, s^2 I) (s = the backend's embedding spread) and the rest from the original prompt. The random starts are
@@ -71,28 +74,86 @@ class Surrogates:
     images: torch.Tensor  # N x 3 x H x W in [0, 1]: the chosen surrogate per item
     scores: torch.Tensor  # N: its replication score against the item's references
     seeds: list[int]  # the seed that drew each surrogate
-    candidate_scores: torch.Tensor  # N x S: every candidate's score
-    threshold: float
+    candidate_scores: torch.Tensor  # N x S: every candidate's score (under the pruning that was kept)
+    threshold: float  # the backend's replication threshold
+    max_score: float  # the score a surrogate had to stay under
+    pruning: list[str] = field(default_factory=list)  # which pruning drew each surrogate
 
     @property
     def all_below_threshold(self) -> bool:
+        """No surrogate is itself a replication."""
         return bool((self.scores <= self.threshold).all())
 
+    @property
+    def all_below_max(self) -> bool:
+        return bool((self.scores <= self.max_score).all())
 
-def make_surrogates(backend, items, context=None, item_context=None, seeds=(0, 1, 2, 3)) -> Surrogates:
+
+def make_surrogates(backend, items, context=None, item_context=None, seeds=(0, 1, 2, 3), max_score: float | None = None,
+                    label: str = "") -> Surrogates:
     """The pruned model's generation from each item's original prompt, one per item.
 
     ``context`` is a pruning open while sampling (e.g. ``wanda.prune(backend, masks)``), ``item_context(i)`` a
-    per-item one (NeMo). Of the candidates (one per seed), the one with the lowest replication score is kept:
-    the surrogate must not be a copy.
+    per-item one (NeMo). Of the candidates (one per seed), the most similar one that stays under ``max_score``
+    (default: the replication threshold) is kept: similar content, not a copy. When every candidate is above,
+    the least similar one is kept (``all_below_max`` is then false).
     """
     from dori_utils.evaluation import evaluate_items
 
+    threshold = backend.replication_threshold
+    max_score = threshold if max_score is None else max_score
     result = evaluate_items(backend, list(seeds), items=items, context=context, item_context=item_context)
-    best = result.scores.argmin(dim=1)
+    under = result.scores <= max_score
+    best = torch.where(under.any(dim=1), result.scores.masked_fill(~under, -float("inf")).argmax(dim=1),
+                       result.scores.argmin(dim=1))
     index = torch.arange(len(items))
     return Surrogates(result.images[index, best], result.scores[index, best], [list(seeds)[b] for b in best.tolist()],
-                      result.scores, backend.replication_threshold)
+                      result.scores, threshold, max_score, [label] * len(items))
+
+
+SURROGATE_LEVELS = ((0.1, False), (0.3, False), (0.5, True))
+
+
+def pruned_surrogates(backend, items, levels=SURROGATE_LEVELS, seeds=(0, 1, 2), max_score: float | None = None,
+                      union_steps: int = 10) -> Surrogates:
+    """Surrogates drawn under pruning, each item under the mildest level that keeps it under ``max_score``.
+
+    A level is (Wanda sparsity, whether NeMo's value neurons are all blocked too). The Wanda mask is the global
+    one, found on all the items' prompts; "all value neurons" are every output channel of the ``attn2.to_v``
+    layers NeMo searches (down and mid blocks). Items whose best candidate still scores above ``max_score``
+    (default: the replication threshold) are drawn again at the next level; one that never gets under keeps its
+    lowest-scoring candidate (``all_below_max`` then says so).
+    """
+    import contextlib
+
+    from dori_utils import hooks, nemo, wanda
+
+    max_score = backend.replication_threshold if max_score is None else max_score
+    prompts = backend.encode_prompts([item.prompt for item in items])
+    values = {name: list(range(module.out_features))
+              for name, module in hooks.modules_by_name(backend.unet, nemo.value_layers(backend.unet)).items()}
+    chosen: Surrogates | None = None
+    remaining = list(range(len(items)))
+    for sparsity, block_values in levels:
+        masks = wanda.find_weights(backend, prompts, sparsity=sparsity, union_steps=union_steps)
+        label = f"Wanda {sparsity:.0%}" + (" + value neurons blocked" if block_values else "")
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(wanda.prune(backend, masks))
+            if block_values:
+                stack.enter_context(nemo.block(backend, values))
+            part = make_surrogates(backend, [items[i] for i in remaining], seeds=seeds, max_score=max_score, label=label)
+        if chosen is None:
+            chosen = part
+        else:
+            for j, i in enumerate(remaining):
+                if part.scores[j] <= max_score or part.scores[j] < chosen.scores[i]:
+                    chosen.images[i], chosen.scores[i] = part.images[j], part.scores[j]
+                    chosen.candidate_scores[i], chosen.seeds[i], chosen.pruning[i] = (
+                        part.candidate_scores[j], part.seeds[j], part.pruning[j])
+        remaining = [i for i in range(len(items)) if chosen.scores[i] > max_score]
+        if not remaining:
+            break
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------- L_DM data

@@ -84,9 +84,19 @@ def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_p
     assert len(calls) == 2
 
 
-def test_surrogates_keep_the_least_similar_candidate(tiny_backend):
+def test_surrogates_keep_the_most_similar_candidate_under_the_ceiling(tiny_backend):
     items = tiny_backend.memorized[:2]
-    surrogates = finetune.make_surrogates(tiny_backend, items, seeds=(0, 1, 2))
+    surrogates = finetune.make_surrogates(tiny_backend, items, seeds=(0, 1, 2), max_score=0.5)
     assert surrogates.images.shape == (2, *items[0].references.shape[1:])
-    assert torch.equal(surrogates.scores, surrogates.candidate_scores.min(dim=1).values)
+    assert surrogates.all_below_max  # an untrained model draws no copies
+    assert torch.equal(surrogates.scores, surrogates.candidate_scores.max(dim=1).values)
     assert all(s in (0, 1, 2) for s in surrogates.seeds)
+    none_under = finetune.make_surrogates(tiny_backend, items, seeds=(0, 1, 2), max_score=-2.0)
+    assert not none_under.all_below_max
+    assert torch.equal(none_under.scores, none_under.candidate_scores.min(dim=1).values)
+
+
+def test_pruned_surrogates_stop_at_the_first_level_that_suffices(tiny_backend):
+    items = tiny_backend.memorized[:2]
+    surrogates = finetune.pruned_surrogates(tiny_backend, items, seeds=(0,), max_score=0.5, union_steps=2)
+    assert surrogates.pruning == ["Wanda 10%", "Wanda 10%"]

@@ -1,8 +1,12 @@
 """Attribute accuracy: does a generated scene show what its caption asks for? The organism's utility measure.
 
-Each pixel is assigned to the nearest named colour (six shape colours, three backgrounds). From that:
+The background is read first: the median colour of the border pixels, named by the nearest of the three
+backgrounds. Pixels that differ from that median colour (by more than ``foreground_distance`` in RGB) are the
+foreground; each is assigned to the nearest of the six shape colours. A generated background is rarely the
+exact training colour, so comparing pixels with the image's own background, not with the palette, keeps a
+tinted background from being read as a shape. From that:
 
-- background: the colour of most border pixels;
+- background: the nearest named background to the border's median colour;
 - colour A / colour B: at least ``min_pixels`` pixels of that colour;
 - relation: the centroids of the two colours' pixels stand in the captioned relation (by at least 2 pixels);
 - shape A / shape B: how much of its bounding box the colour's pixels fill (square ~1, circle ~0.79,
@@ -44,15 +48,19 @@ def _shape_from_fill(mask: np.ndarray) -> str:
     return "circle" if fill > 0.64 else "triangle"
 
 
-def check_scene(image: np.ndarray, caption: str, min_pixels: int = 12) -> dict[str, bool]:
+def check_scene(image: np.ndarray, caption: str, min_pixels: int = 12, foreground_distance: float = 60.0) -> dict[str, bool]:
     """Which of the caption's six attributes an H x W x 3 image (uint8, or float in [0, 1]) shows."""
     spec = parse_scene_caption(caption)
     pixels = np.asarray(image, dtype=float)
     if pixels.max() <= 1.0:
         pixels = pixels * 255
-    labels = np.argmin(((pixels[..., None, :] - _PALETTE) ** 2).sum(-1), axis=-1)
-    border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    background = _NAMES[np.bincount(border, minlength=len(_NAMES)).argmax()]
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    border_colour = np.median(border, axis=0)
+    backgrounds = _PALETTE[len(SHAPE_COLOURS):]
+    background = list(BACKGROUNDS)[int(np.argmin(((backgrounds - border_colour) ** 2).sum(-1)))]
+    foreground = np.sqrt(((pixels - border_colour) ** 2).sum(-1)) > foreground_distance
+    shape_palette = _PALETTE[: len(SHAPE_COLOURS)]
+    labels = np.where(foreground, np.argmin(((pixels[..., None, :] - shape_palette) ** 2).sum(-1), axis=-1), -1)
     masks = {k: labels == _NAMES.index(spec[k]) for k in ("colour_a", "colour_b")}
     present = {k: m.sum() >= min_pixels for k, m in masks.items()}
     result = {"background": background == spec["background"], **present}
