@@ -3,11 +3,12 @@
 The recipe, per memorized image x_mem:
 
 1. **Surrogate** (``make_surrogates``, once, before training): the *pruned* model's generation from the original
-   prompt: similar content, not a copy. Of a few seeds we keep the most similar candidate whose replication score
-   stays under a ceiling, and report the scores, so one can check that no surrogate is itself a replication. ``pruned_surrogates`` escalates the
-   pruning for the items whose surrogate still scores above a ceiling: Wanda's global mask at 10%, then 30%, then
-   50% with all of NeMo's value neurons blocked too. Each item gets the mildest pruning that draws a non-copy
-   (the organism's memorization survives Wanda 10% for some images).
+   prompt: similar content, not a copy. Of a few seeds we keep the most similar candidate whose replication
+   score stays under a ceiling (the chapter: 0.5, under the threshold of 0.7), and report the scores, so one can
+   check that no surrogate is itself a replication. ``pruned_surrogates`` escalates the pruning for the items
+   whose surrogate is still above the ceiling: Wanda's global mask at 10%, then 30%, then 50% with all of NeMo's
+   value neurons blocked too. Each item gets the mildest pruning that draws a non-copy (the organism's
+   memorization survives Wanda 10%, and even 50%, for some images).
 2. **Each epoch** (``adversarial_finetune``): run the Dori attack against the *current* model towards x_mem to
    collect triggers per image: ``triggers_per_item`` embeddings, of which ``random_starts`` start from
    N(0, s^2 I) (s = the backend's embedding spread) and the rest from the original prompt. The random starts are
@@ -27,11 +28,12 @@ Fine-tuning starts from the unmitigated model (not the pruned one; the paper doe
 float32 copy of the UNet: the loaded backend is never changed. The result holds a new :class:`Backend` (via
 ``dataclasses.replace``) with the fine-tuned UNet in eval mode without gradients, like a loaded one.
 
-Our default sizes are for the organism on 2 CPU cores (the whole chapter in under 5 minutes): 3 epochs of
-20 updates, 2 triggers per item (1 from the prompt, 1 random start), 10 attack steps per epoch at the attack's
-batch of 8, L_DM batch 32, L_adv batch 16, AdamW lr 2e-4, no weight decay, gradient clipping at 1. For SD v1.4 on
-a Colab GPU: batches of 1-2, gradient checkpointing and ``optimizer="adafactor"`` (AdamW's two float32 states
-for 860M parameters do not fit next to the model on a 15 GB card).
+Our default sizes are for the organism on 2 CPU cores (the whole chapter in about 5 minutes): 3 epochs of
+15 updates, 2 triggers per item (1 from the prompt, 1 random start), 10 attack steps per epoch at a batch of 4
+(noise, timestep) pairs (the paper's attack: 8), L_DM batch 16, L_adv batch 32, AdamW at lr 1e-3 (the organism's
+own training rate), no weight decay, gradient clipping at 1. For SD v1.4 on a Colab GPU (untested here): batches
+of 1, gradient checkpointing, ``attack_chunk=1`` and ``optimizer="adafactor"`` at lr 1e-5 (AdamW's two float32
+states for 860M parameters do not fit next to the model on a 15 GB card).
 
 ``save_finetuned`` writes the backend's own format, so ``load_backend`` loads the result:
 
@@ -211,15 +213,15 @@ def organism_pairs(backend, kinds=("ordinary", "natural"), max_pairs: int | None
 @dataclass
 class FinetuneConfig:
     epochs: int = 3
-    steps_per_epoch: int = 20  # UNet updates per epoch
+    steps_per_epoch: int = 15  # UNet updates per epoch
     triggers_per_item: int = 2  # attacked embeddings per memorized image and epoch
     random_starts: int = 1  # of which start from N(0, s^2 I); the rest from the prompt
     attack_steps: int = 10  # Dori steps per epoch (random starts: cumulative over epochs)
-    attack_batch: int = 8  # (noise, timestep) pairs per embedding and attack step, as the paper
+    attack_batch: int = 4  # (noise, timestep) pairs per embedding and attack step (the paper's attack: 8)
     attack_chunk: int = 64  # embeddings per UNet pass in the attack (SD on a small GPU: 1)
-    dm_batch: int = 32  # pairs per update for L_DM
-    adv_batch: int = 16  # (trigger, noise, timestep) triples per update for L_adv
-    lr: float = 2e-4
+    dm_batch: int = 16  # pairs per update for L_DM
+    adv_batch: int = 32  # (trigger, noise, timestep) triples per update for L_adv
+    lr: float = 1e-3
     weight_decay: float = 0.0
     caption_dropout: float = 0.1
     grad_clip: float = 1.0

@@ -100,7 +100,8 @@ def memorization_rate(scores: torch.Tensor, threshold: float) -> float:
     """MR from an items x seeds score matrix: share of items whose median score exceeds the threshold."""
     if scores.ndim != 2:
         raise ValueError(f"scores must be items x seeds, got shape {tuple(scores.shape)}")
-    return (scores.median(dim=1).values > threshold).float().mean().item()
+    replicated = (scores.median(dim=1).values > threshold).sum().item()
+    return replicated / len(scores)
 
 
 def roc_auc(positive_scores, negative_scores) -> float:
