@@ -19,11 +19,20 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _gaussian_window(size: int, sigma: float, device, dtype) -> torch.Tensor:
-    coords = torch.arange(size, device=device, dtype=dtype) - (size - 1) / 2
+def local_moments(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float = 1.5):
+    """Gaussian-weighted local means, variances and covariance of two N x C x H x W tensors (valid padding):
+    the ingredients of SSIM and of the multi-scale SSIM that NeMo uses."""
+    channels = x.shape[1]
+    coords = torch.arange(window, device=x.device, dtype=x.dtype) - (window - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
     g = g / g.sum()
-    return (g[:, None] * g[None, :]).expand(3, 1, size, size).contiguous()
+    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
+
+    def blur(v):
+        return F.conv2d(v, kernel, groups=channels)
+
+    mu_x, mu_y = blur(x), blur(y)
+    return mu_x, mu_y, blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
 
 
 def ssim_score(generated: torch.Tensor, reference: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
@@ -32,16 +41,8 @@ def ssim_score(generated: torch.Tensor, reference: torch.Tensor, window: int = 7
     reference = reference.float().to(generated.device).expand_as(generated)
     if generated.ndim != 4 or generated.shape[1] != 3:
         raise ValueError(f"expected N x 3 x H x W images, got {tuple(generated.shape)}")
-    w = _gaussian_window(window, sigma, generated.device, generated.dtype)
-
-    def blur(x):
-        return F.conv2d(x, w, groups=3)
-
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(generated), blur(reference)
-    var_x = blur(generated * generated) - mu_x**2
-    var_y = blur(reference * reference) - mu_y**2
-    cov = blur(generated * reference) - mu_x * mu_y
+    mu_x, mu_y, var_x, var_y, cov = local_moments(generated, reference, window, sigma)
     ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return ssim_map.flatten(1).mean(1)
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dori_utils import hooks
+from dori_utils.metrics import local_moments
 from dori_utils.sampling import initial_noise
 
 
@@ -65,19 +66,8 @@ def activation_statistics(backend, prompts: list[str], batch_size: int = 256) ->
 
 
 def _ssim_and_cs(x: torch.Tensor, y: torch.Tensor, window: int, sigma: float = 1.5):
-    channels = x.shape[1]
-    coords = torch.arange(window, dtype=x.dtype, device=x.device) - (window - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(channels, 1, window, window).contiguous()
-
-    def blur(v):
-        return F.conv2d(v, kernel, groups=channels)
-
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
+    mu_x, mu_y, var_x, var_y, cov = local_moments(x, y, window, sigma)
     cs = (2 * cov + c2) / (var_x + var_y + c2)
     ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * cs
     return ssim.flatten(1).mean(1), cs.flatten(1).mean(1)
