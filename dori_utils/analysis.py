@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dori_utils import hooks, nemo, wanda
 from dori_utils.sampling import initial_noise
@@ -146,30 +145,32 @@ class TriggerSet:
         return self.triggers[keep]
 
 
-def collect_triggers(backend, items, item_context, n_random: int, start_prompts: list[str], steps: int = 50,
+def collect_triggers(backend, items, row_context, n_random: int, start_prompts: list[str], steps: int = 50,
                      seeds=(0, 1), seed: int = 0, progress: bool = False) -> TriggerSet:
     """Run the Dori attack for each item from ``n_random`` N(0, s^2 I) starts and from each of ``start_prompts``
-    (non-memorized prompts), under ``item_context(i)`` (the item's pruning), and score every trigger."""
+    (non-memorized prompts), every run under its item's pruning (``row_context`` over item indices, e.g.
+    ``nemo.per_item_blocking``), all in one batched attack, and score every trigger."""
     from dori_utils.attack import dori_attack, random_embeddings
     from dori_utils.evaluation import evaluate_items
 
     prompt_starts = backend.encode_prompts(start_prompts) if start_prompts else torch.empty(0, *backend.embedding_shape)
     kinds = ["random"] * n_random + ["non-memorized prompt"] * len(prompt_starts)
-    parts = []
-    for i, item in enumerate(tqdm(items, desc="collecting triggers", disable=not progress)):
-        starts = torch.cat([random_embeddings(backend, n_random, seed=seed + i), prompt_starts.cpu().to(torch.float32)])
-        with item_context(i):
-            found = dori_attack(backend, item.references[:1].expand(len(starts), -1, -1, -1), starts, steps=steps, seed=seed + i)
-            evaluation = evaluate_items(backend, list(seeds), found.embeddings, items=[item] * len(starts))
-        median = evaluation.scores.median(dim=1).values
-        parts.append((item.id, found, median))
+    starts = torch.cat([torch.cat([random_embeddings(backend, n_random, seed=seed + i), prompt_starts.cpu().float()])
+                        for i in range(len(items))])
+    owner = torch.arange(len(items)).repeat_interleave(len(kinds))
+    targets = torch.cat([items[i].references[:1] for i in owner.tolist()])
+    per_run = lambda rows: row_context(owner[rows])
+    found = dori_attack(backend, targets, starts, steps=steps, seed=seed, row_context=per_run, progress=progress)
+    evaluation = evaluate_items(backend, list(seeds), found.embeddings, items=[items[i] for i in owner.tolist()],
+                                row_context=per_run)
+    median = evaluation.scores.median(dim=1).values
     return TriggerSet(
-        item_ids=[item_id for item_id, found, _ in parts for _ in range(len(found.embeddings))],
-        start_kinds=kinds * len(parts),
-        initial=torch.cat([found.initial for _, found, _ in parts]),
-        triggers=torch.cat([found.embeddings for _, found, _ in parts]),
-        scores=torch.cat([median for _, _, median in parts]),
-        replicates=torch.cat([median for _, _, median in parts]) > backend.replication_threshold,
+        item_ids=[items[i].id for i in owner.tolist()],
+        start_kinds=kinds * len(items),
+        initial=found.initial,
+        triggers=found.embeddings,
+        scores=median,
+        replicates=median > backend.replication_threshold,
     )
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from dori_utils.metrics import best_reference_score, memorization_rate
-from dori_utils.sampling import generate
+from dori_utils.sampling import generate_for_embeddings
 
 
 @dataclass
@@ -28,32 +28,24 @@ class ItemEvaluation:
 
 
 def evaluate_items(backend, seeds: list[int], embeddings: torch.Tensor | None = None, items=None,
-                   context=None, item_context=None, progress: bool = False, **sampling_kwargs) -> ItemEvaluation:
+                   context=None, row_context=None, progress: bool = False, **sampling_kwargs) -> ItemEvaluation:
     """Generate each memorized item from its prompt (or from ``embeddings[i]``) with every seed, and score the
     generations against the item's references.
 
-    ``context`` (e.g. a pruning) is open while sampling; ``item_context(i)`` gives a context per item instead
-    (NeMo blocks different neurons for each prompt).
+    ``context`` (e.g. a pruning) is open while sampling; ``row_context`` gives each item its own edit within
+    the batch (NeMo blocks different neurons for each prompt: ``nemo.per_item_blocking``); it sees item indices.
     """
     items = items if items is not None else backend.memorized
     if embeddings is None:
         embeddings = backend.encode_prompts([item.prompt for item in items])
     seeds = list(seeds)
-    if item_context is None:
-        repeated = embeddings.repeat_interleave(len(seeds), dim=0)
-        with context if context is not None else contextlib.nullcontext():
-            samples = generate(backend, repeated, seeds * len(items), progress=progress, **sampling_kwargs)
-        images, wen = samples.images, samples.wen_scores
-    else:
-        parts = []
-        for i in range(len(items)):
-            with item_context(i):
-                parts.append(generate(backend, embeddings[i : i + 1].expand(len(seeds), -1, -1), seeds, **sampling_kwargs))
-        images, wen = torch.cat([p.images for p in parts]), torch.cat([p.wen_scores for p in parts])
-    images = images.view(len(items), len(seeds), *images.shape[1:])
+    with context if context is not None else contextlib.nullcontext():
+        samples = generate_for_embeddings(backend, embeddings, seeds, row_context=row_context, progress=progress,
+                                          **sampling_kwargs)
+    images = samples.images.view(len(items), len(seeds), *samples.images.shape[1:])
     scores = torch.stack([best_reference_score(backend.replication_score, images[i], item.references)
                           for i, item in enumerate(items)])
-    return ItemEvaluation([item.id for item in items], images, scores, wen.view(len(items), len(seeds)),
+    return ItemEvaluation([item.id for item in items], images, scores, samples.wen_scores.view(len(items), len(seeds)),
                           backend.replication_threshold)
 
 

@@ -91,20 +91,20 @@ class Surrogates:
         return bool((self.scores <= self.max_score).all())
 
 
-def make_surrogates(backend, items, context=None, item_context=None, seeds=(0, 1, 2, 3), max_score: float | None = None,
+def make_surrogates(backend, items, context=None, row_context=None, seeds=(0, 1, 2, 3), max_score: float | None = None,
                     label: str = "") -> Surrogates:
     """The pruned model's generation from each item's original prompt, one per item.
 
-    ``context`` is a pruning open while sampling (e.g. ``wanda.prune(backend, masks)``), ``item_context(i)`` a
-    per-item one (NeMo). Of the candidates (one per seed), the most similar one that stays under ``max_score``
-    (default: the replication threshold) is kept: similar content, not a copy. When every candidate is above,
-    the least similar one is kept (``all_below_max`` is then false).
+    ``context`` is a pruning open while sampling (e.g. ``wanda.prune(backend, masks)``), ``row_context`` a
+    per-item one (NeMo: ``nemo.per_item_blocking``). Of the candidates (one per seed), the most similar one that
+    stays under ``max_score`` (default: the replication threshold) is kept: similar content, not a copy. When
+    every candidate is above, the least similar one is kept (``all_below_max`` is then false).
     """
     from dori_utils.evaluation import evaluate_items
 
     threshold = backend.replication_threshold
     max_score = threshold if max_score is None else max_score
-    result = evaluate_items(backend, list(seeds), items=items, context=context, item_context=item_context)
+    result = evaluate_items(backend, list(seeds), items=items, context=context, row_context=row_context)
     under = result.scores <= max_score
     best = torch.where(under.any(dim=1), result.scores.masked_fill(~under, -float("inf")).argmax(dim=1),
                        result.scores.argmin(dim=1))
@@ -218,9 +218,9 @@ class FinetuneConfig:
     random_starts: int = 1  # of which start from N(0, s^2 I); the rest from the prompt
     attack_steps: int = 10  # Dori steps per epoch (random starts: cumulative over epochs)
     attack_batch: int = 4  # (noise, timestep) pairs per embedding and attack step (the paper's attack: 8)
-    attack_chunk: int = 64  # embeddings per UNet pass in the attack (SD on a small GPU: 1)
+    attack_chunk: int | None = None  # embeddings per UNet pass in the attack (None: the attack's default)
     dm_batch: int = 16  # pairs per update for L_DM
-    adv_batch: int = 32  # (trigger, noise, timestep) triples per update for L_adv
+    adv_batch: int = 32  # (trigger, noise, timestep) triples per update for L_adv (0: L_DM only, a control)
     lr: float = 1e-3
     weight_decay: float = 0.0
     caption_dropout: float = 0.1
@@ -306,12 +306,13 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
     history = {"l_dm": [], "l_adv": [], "epoch_seconds": [], "attack_seconds": [], "attack_loss": []}
     adversarial, adversarial_owner = prompts, torch.arange(n)
     started = time.time()
-    bar = tqdm(total=config.epochs * config.steps_per_epoch, desc="adversarial fine-tuning" if config.use_triggers
-               else "fine-tuning (prompt only)", disable=not progress)
+    label = ("fine-tuning (L_DM only)" if not config.adv_batch else "adversarial fine-tuning" if config.use_triggers
+             else "fine-tuning (prompt only)")
+    bar = tqdm(total=config.epochs * config.steps_per_epoch, desc=label, disable=not progress)
     try:
         for epoch in range(config.epochs):
             epoch_start = time.time()
-            if config.use_triggers:
+            if config.use_triggers and config.adv_batch:
                 unet.eval().requires_grad_(False)  # the attack needs gradients for the embeddings only
                 inits = torch.cat([prompts.repeat_interleave(n_prompt_starts, dim=0), chains])
                 owners = torch.cat([torch.arange(n).repeat_interleave(n_prompt_starts),
@@ -328,9 +329,12 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
             for _ in range(config.steps_per_epoch):
                 x_dm, c_dm = pairs.sample(config.dm_batch, generator, config.caption_dropout)
                 l_dm = _denoising_mse(unet, x_dm, c_dm, alphas, generator, device)
-                pick = torch.randint(0, len(adversarial), (config.adv_batch,), generator=generator)
-                l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], alphas,
-                                       generator, device)
+                if config.adv_batch:
+                    pick = torch.randint(0, len(adversarial), (config.adv_batch,), generator=generator)
+                    l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], alphas,
+                                           generator, device)
+                else:  # L_DM only: continued training on ordinary pairs, the forgetting control
+                    l_adv = torch.zeros((), device=device)
                 optimizer.zero_grad(set_to_none=True)
                 (l_dm + l_adv).backward()
                 if config.grad_clip:

@@ -51,6 +51,30 @@ def zero_output_channels(model: torch.nn.Module, channels: dict[str, torch.Tenso
 
 
 @contextlib.contextmanager
+def scale_output_channels(model: torch.nn.Module, scales: dict[str, torch.Tensor]):
+    """Multiply each named module's output by ``scales[name]``: batch rows x channels, one row of channel
+    factors per row of the batch. With 0/1 factors, different rows of one batch block different channels
+    (NeMo's per-prompt neurons for several prompts at once)."""
+    modules = modules_by_name(model, list(scales))
+    handles = []
+    try:
+        for name, module in modules.items():
+            def hook(_module, _inputs, output, name=name):
+                scale = scales[name]
+                if output.shape[0] != scale.shape[0] or output.shape[-1] != scale.shape[1]:
+                    raise ValueError(f"{name}: scales are {tuple(scale.shape)} (rows x channels), but the batch "
+                                     f"gives an output of {tuple(output.shape)}")
+                view = (scale.shape[0],) + (1,) * (output.ndim - 2) + (scale.shape[1],)
+                return output * scale.to(output.device, output.dtype).view(view)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def capture_outputs(model: torch.nn.Module, names: list[str], detach: bool = True):
     """Record each named module's output on every forward call: ``{name: [tensor, ...]}``."""
     records: dict[str, list[torch.Tensor]] = defaultdict(list)

@@ -208,9 +208,20 @@ def union(selections: list[dict[str, list[int]]]) -> dict[str, list[int]]:
     return {n: sorted({i for s in selections for i in s.get(n, [])}) for n in names}
 
 
-def per_item_blocking(backend, results: list[NemoResult]):
-    """``item_context(i)`` for per-prompt mitigation: block the neurons NeMo found for item i."""
-    return lambda i: block(backend, results[i].neurons)
+def per_item_blocking(backend, selections: list):
+    """A ``row_context`` (see ``sampling``) for per-prompt mitigation of several prompts in one batch: every batch
+    row blocks the neurons found for the item it belongs to. ``selections``: one ``NemoResult`` or
+    ``{layer: [channel, ...]}`` per item."""
+    neuron_sets = [s.neurons if isinstance(s, NemoResult) else s for s in selections]
+    modules = hooks.modules_by_name(backend.unet, value_layers(backend.unet))
+    keep = {}
+    for name, module in modules.items():
+        mask = torch.ones(len(neuron_sets), module.out_features)
+        for i, neurons in enumerate(neuron_sets):
+            mask[i, list(neurons.get(name, []))] = 0
+        if not mask.all():
+            keep[name] = mask
+    return lambda rows: hooks.scale_output_channels(backend.unet, {name: m[rows] for name, m in keep.items()})
 
 
 def zscore_order(statistics: ActivationStatistics, activations: dict[str, torch.Tensor]) -> list[tuple[str, int]]:
@@ -220,57 +231,84 @@ def zscore_order(statistics: ActivationStatistics, activations: dict[str, torch.
     return [(name, c) for _, name, c in sorted(ranked, reverse=True)]
 
 
-def neurons_needed(backend, item, statistics: ActivationStatistics, seeds=(0, 1)) -> tuple[int, dict[str, list[int]]]:
-    """Smallest k such that blocking the k most out-of-distribution neurons of a memorized prompt stops its
-    replication (median score over ``seeds`` under the threshold), by bisection over k.
+def neurons_needed(backend, items, statistics: ActivationStatistics, seeds=(0, 1)) -> list[tuple[int, dict[str, list[int]]]]:
+    """Per memorized item, the smallest k such that blocking its k most out-of-distribution neurons stops its
+    replication (median score over ``seeds`` under the threshold), by bisection over k; all items are searched
+    side by side, one batch per bisection step.
 
     A direct check of locality: how much of the value layers has to go before the image stops coming back.
-    Returns (k, the blocked neurons); k = 0 if the prompt does not replicate at all, k = all neurons if even
-    that does not stop it.
+    Returns (k, the blocked neurons) per item; k = 0 if the prompt does not replicate at all, k = all neurons if
+    even that does not stop it.
     """
     from dori_utils.evaluation import evaluate_items
+    from dori_utils.metrics import memorization_rate
 
-    embedding = backend.encode_prompts([item.prompt])
-    order = zscore_order(statistics, value_activations(backend, embedding))
+    embeddings = backend.encode_prompts([item.prompt for item in items])
+    orders = [zscore_order(statistics, value_activations(backend, e[None])) for e in embeddings]
+    total = len(orders[0])
 
-    def first(k):
+    def first(i, k):
         chosen: dict[str, list[int]] = {}
-        for name, c in order[:k]:
+        for name, c in orders[i][:k]:
             chosen.setdefault(name, []).append(c)
         return chosen
 
-    def replicates(k):
-        result = evaluate_items(backend, list(seeds), embedding, items=[item], context=block(backend, first(k)))
-        return result.mr > 0
+    def replicates(indices, ks):
+        result = evaluate_items(backend, list(seeds), embeddings[indices], items=[items[i] for i in indices],
+                                row_context=per_item_blocking(backend, [first(i, k) for i, k in zip(indices, ks)]))
+        return [memorization_rate(row[None], backend.replication_threshold) > 0 for row in result.scores]
 
-    low, high = 0, len(order)
-    if not replicates(low):
-        return 0, {}
-    if replicates(high):
-        return high, first(high)
-    while high - low > 1:
-        middle = (low + high) // 2
-        if replicates(middle):
-            low = middle
-        else:
-            high = middle
-    return high, first(high)
+    everyone = list(range(len(items)))
+    low, high = [0] * len(items), [total] * len(items)
+    unblocked = replicates(everyone, low)
+    fully_blocked = replicates(everyone, high)
+    for i in everyone:
+        if not unblocked[i]:
+            high[i] = 0
+        elif fully_blocked[i]:
+            low[i] = total
+    while active := [i for i in everyone if high[i] - low[i] > 1]:
+        middle = [(low[i] + high[i]) // 2 for i in active]
+        for i, k, still in zip(active, middle, replicates(active, middle)):
+            low[i], high[i] = (k, high[i]) if still else (low[i], k)
+    return [(max(high[i], low[i]), first(i, max(high[i], low[i]))) for i in everyone]
+
+
+def cross_item_blocking(backend, items, selections: list[dict[str, list[int]]], seeds=(0,)) -> torch.Tensor:
+    """Does one prompt's selection also stop the others? ``scores[i, j]``: median replication score of item j's
+    prompt while item i's neurons are blocked (one batch for all pairs)."""
+    from dori_utils.evaluation import evaluate_items
+
+    n = len(items)
+    embeddings = backend.encode_prompts([item.prompt for item in items])
+    pairs = [(i, j) for i in range(n) for j in range(n)]
+    result = evaluate_items(backend, list(seeds), embeddings[[j for _, j in pairs]], items=[items[j] for _, j in pairs],
+                            row_context=per_item_blocking(backend, [selections[i] for i, _ in pairs]))
+    return result.scores.median(dim=1).values.view(n, n)
+
+
+def backend_statistics(backend, n_statistics: int = 3000, seed: int = 0) -> ActivationStatistics:
+    """Activation statistics over up to ``n_statistics`` of ``backend.prompt_sets["statistics"]``, drawn with ``seed``."""
+    import numpy as np
+
+    pool = backend.prompt_sets["statistics"]
+    prompts = np.random.default_rng(seed).choice(pool, min(n_statistics, len(pool)), replace=False)
+    return activation_statistics(backend, list(prompts))
 
 
 def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int = 100, seed: int = 0, progress: bool = False):
     """NeMo end to end for several memorized items: statistics, threshold, then one localisation per item.
 
-    Statistics come from up to ``n_statistics`` of ``backend.prompt_sets["statistics"]`` and the threshold from
-    ``n_calibration`` of ``backend.prompt_sets["nonmemorized"]``, both drawn with ``seed``.
+    Statistics come from ``backend_statistics(backend, n_statistics, seed)`` and the threshold from
+    ``n_calibration`` of ``backend.prompt_sets["nonmemorized"]``, drawn with ``seed + 1``.
     Returns (statistics, threshold, [NemoResult per item]).
     """
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    pool = backend.prompt_sets["statistics"]
-    statistics = activation_statistics(backend, list(rng.choice(pool, min(n_statistics, len(pool)), replace=False)))
+    statistics = backend_statistics(backend, n_statistics, seed)
     pool = backend.prompt_sets["nonmemorized"]
-    threshold, _ = calibrate_threshold(backend, list(rng.choice(pool, min(n_calibration, len(pool)), replace=False)))
+    calibration = np.random.default_rng(seed + 1).choice(pool, min(n_calibration, len(pool)), replace=False)
+    threshold, _ = calibrate_threshold(backend, list(calibration))
     if not items:
         return statistics, threshold, []
     embeddings = backend.encode_prompts([item.prompt for item in items])

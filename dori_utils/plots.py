@@ -58,3 +58,23 @@ def paired_bars(labels: list[str], ours: list[float], paper: list[float], ylabel
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
+
+
+def score_matrix(scores, row_labels: list[str], col_labels: list[str], threshold: float, title: str,
+                 xlabel: str = "", ylabel: str = "", ax=None):
+    """A matrix of replication scores (cividis, colour-blind safe), each cell printed, those above the
+    replication threshold in bold."""
+    scores = np.asarray(scores, dtype=float)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(0.5 * scores.shape[1] + 2.2, 0.42 * scores.shape[0] + 1.6))
+    image = ax.imshow(scores, cmap="cividis", vmin=0, vmax=1)
+    for (i, j), value in np.ndenumerate(scores):
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+                color="black" if value > 0.55 else "white", fontweight="bold" if value > threshold else "normal")
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.figure.colorbar(image, ax=ax, shrink=0.8, label=f"replication score (bold: > {threshold})")
+    return ax

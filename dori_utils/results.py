@@ -22,11 +22,15 @@ def results_dir(backend_name: str, root: str | Path | None = None) -> Path:
 
 
 class ResultLog:
-    """A JSON file that is rewritten each time a result is recorded."""
+    """A JSON file that is rewritten each time a result is recorded.
+
+    A new log starts empty and replaces the file from its first record on: a chapter's JSON holds the results of
+    one run only, never a mix with an earlier run's keys.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.data: dict = {}
 
     def record(self, key: str, value) -> None:
         self.data[key] = value

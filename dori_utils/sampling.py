@@ -3,8 +3,14 @@
 One loop for every backend: the UNet sees the unconditional and conditional halves in one batch (so hooks
 see both guidance branches), and each image's initial noise comes from its own CPU ``torch.Generator``
 seeded with its seed, so a seed gives the same image on any device and in any batch.
+
+A ``row_context`` lets one batch hold embeddings that need different model edits (NeMo blocks other neurons
+for every prompt): it is called with the index of the embedding behind each row of the UNet's batch, and the
+context manager it returns is open during that UNet call.
 """
 from __future__ import annotations
+
+import contextlib
 
 from dataclasses import dataclass
 
@@ -34,6 +40,7 @@ def generate(
     batch_size: int = 32,
     on_step=None,
     stop_after: int | None = None,
+    row_context=None,
     progress: bool = False,
 ) -> Samples:
     """Generate one image per (embedding, seed) pair.
@@ -41,7 +48,8 @@ def generate(
     ``embeddings`` is N x L x D (a prompt's embedding or any tensor of that shape, e.g. a Dori trigger);
     ``seeds`` has N entries. ``on_step(step_index, timestep)`` is called before each denoising step, so
     hooks can tell the timestep without counting calls. ``stop_after`` ends each batch after that many steps
-    (for methods that only look at the first steps) and returns the partly denoised images.
+    (for methods that only look at the first steps) and returns the partly denoised images. ``row_context``:
+    see the module's docstring.
     """
     if embeddings.ndim != 3 or embeddings.shape[1:] != backend.embedding_shape:
         raise ValueError(f"embeddings must be N x {backend.embedding_shape[0]} x {backend.embedding_shape[1]}, "
@@ -60,11 +68,14 @@ def generate(
         scheduler.set_timesteps(steps)
         norm_sum = torch.zeros(len(cond), device=backend.device)
         timesteps = scheduler.timesteps[:stop_after] if stop_after else scheduler.timesteps
+        rows = torch.arange(start, start + len(cond))
+        edit = (lambda: row_context(torch.cat([rows, rows]))) if row_context is not None else contextlib.nullcontext
         for i, t in enumerate(timesteps):
             if on_step is not None:
                 on_step(i, int(t))
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
-            eps_uncond, eps_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
+            with edit():
+                eps_uncond, eps_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
             norm_sum += (eps_cond - eps_uncond).float().flatten(1).norm(dim=1)
             eps = eps_uncond + guidance * (eps_cond - eps_uncond)
             x = scheduler.step(eps, t, x).prev_sample
@@ -79,7 +90,9 @@ def generate_for_prompts(backend, prompts: list[str], seeds: list[int], **kwargs
     return generate_for_embeddings(backend, embeddings, seeds, **kwargs)
 
 
-def generate_for_embeddings(backend, embeddings: torch.Tensor, seeds: list[int], **kwargs) -> Samples:
-    """Every embedding with every seed, embedding-major."""
+def generate_for_embeddings(backend, embeddings: torch.Tensor, seeds: list[int], row_context=None, **kwargs) -> Samples:
+    """Every embedding with every seed, embedding-major (``row_context`` sees the index into ``embeddings``)."""
     repeated = embeddings.repeat_interleave(len(seeds), dim=0)
+    if row_context is not None:
+        kwargs["row_context"] = lambda rows: row_context(rows // len(seeds))
     return generate(backend, repeated, list(seeds) * len(embeddings), **kwargs)

@@ -71,16 +71,20 @@ def select_weights(weight: torch.Tensor, target_norms: torch.Tensor, base_norms:
     return mask
 
 
-def find_weights(backend, target_embeddings: torch.Tensor, sparsity: float = 0.01, union_steps: int = 10,
-                 seeds: list[int] | None = None, **sampling_kwargs) -> dict[str, torch.Tensor]:
-    """Wanda masks (layer -> bool out x in) for a set of target embeddings (the memorized prompts, or triggers)."""
+def find_weights(backend, target_embeddings: torch.Tensor, sparsity: float | list[float] = 0.01, union_steps: int = 10,
+                 seeds: list[int] | None = None, **sampling_kwargs):
+    """Wanda masks (layer -> bool out x in) for a set of target embeddings (the memorized prompts, or triggers).
+
+    With a list of sparsities, one mask set per sparsity (``{sparsity: masks}``) from the same activation norms.
+    """
     seeds = list(seeds) if seeds is not None else [0] * len(target_embeddings)
     base = backend.empty_embedding().expand(len(target_embeddings), -1, -1)
     target_norms = input_norms(backend, target_embeddings, seeds, union_steps, **sampling_kwargs)
     base_norms = input_norms(backend, base, seeds, union_steps, **sampling_kwargs)
     modules = hooks.modules_by_name(backend.unet, list(target_norms))
-    return {name: select_weights(modules[name].weight, target_norms[name], base_norms[name], sparsity)
-            for name in target_norms}
+    masks = {s: {name: select_weights(modules[name].weight, target_norms[name], base_norms[name], s) for name in target_norms}
+             for s in (sparsity if isinstance(sparsity, (list, tuple)) else [sparsity])}
+    return masks if isinstance(sparsity, (list, tuple)) else masks[sparsity]
 
 
 def prune(backend, masks: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:

@@ -129,3 +129,24 @@ def test_ground_truth_folder(tmp_path):
     assert torch.allclose(images["12"][0, :, 8, 8], torch.tensor([1.0, 0.0, 0.0]))
     with pytest.raises(FileNotFoundError, match=r"1 of 2 ids .*\['13'\]"):
         data.load_ground_truth_folder(tmp_path, ["12", "13"], size=16)
+
+
+def test_result_log_writes_each_record_and_never_mixes_runs(tmp_path):
+    import json
+
+    from dori_utils.results import ResultLog, cached
+
+    path = tmp_path / "ch.json"
+    first = ResultLog(path)
+    first.record("a", 1)
+    first.record("b", {"mr": 0.5})
+    assert json.loads(path.read_text()) == {"a": 1, "b": {"mr": 0.5}}
+    second = ResultLog(path)  # a new run
+    second.record("a", 2)
+    assert json.loads(path.read_text()) == {"a": 2}
+
+    calls = []
+    compute = lambda: calls.append(1) or len(calls)
+    assert cached(tmp_path / "c.pt", {"k": 1}, compute) == 1
+    assert cached(tmp_path / "c.pt", {"k": 1}, compute) == 1 and len(calls) == 1
+    assert cached(tmp_path / "c.pt", {"k": 2}, compute) == 2

@@ -54,6 +54,15 @@ def test_ablation_uses_the_prompts_only(tiny_backend, setting):
     assert result.history["attack_loss"] == []
 
 
+def test_ldm_only_control_trains_without_triggers_or_adversarial_loss(tiny_backend, setting):
+    items, surrogates, pairs = setting
+    original = _state(tiny_backend.unet)
+    result = finetune.adversarial_finetune(tiny_backend, items, surrogates, pairs, **{**SMALL, "adv_batch": 0})
+    assert result.history["l_adv"] == [0.0] and result.history["attack_seconds"] == []
+    changed = [k for k, v in result.unet.state_dict().items() if not torch.equal(v, original[k])]
+    assert changed, "an L_DM step must still update the UNet"
+
+
 def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_path):
     items, surrogates, pairs = setting
     calls = []

@@ -36,6 +36,71 @@ def test_masked_weights_restores_exactly_even_after_an_error():
     assert torch.equal(model[0].weight, original)
 
 
+def test_scale_output_channels_blocks_each_row_its_own_channels_and_checks_the_batch():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6))
+    x = torch.randn(2, 3, 4)
+    keep = torch.ones(2, 6)
+    keep[0, 1], keep[1, 4] = 0, 0
+    with hooks.scale_output_channels(model, {"0": keep}):
+        out = model(x)
+        with pytest.raises(ValueError, match="rows x channels"):
+            model(torch.randn(3, 3, 4))
+    assert torch.all(out[0, :, 1] == 0) and torch.all(out[0, :, 4] != 0)
+    assert torch.all(out[1, :, 4] == 0) and torch.all(out[1, :, 1] != 0)
+    assert not model[0]._forward_hooks
+
+
+def test_per_item_blocking_in_one_batch_equals_blocking_each_prompt_alone(tiny_backend):
+    from dori_utils.sampling import generate
+
+    layers = nemo.value_layers(tiny_backend.unet)
+    selections = [{layers[0]: [0, 3, 5]}, {layers[-1]: [1, 2]}]
+    embeddings = tiny_backend.encode_prompts([item.prompt for item in tiny_backend.memorized[:2]])
+    batched = generate(tiny_backend, embeddings, [0, 1], row_context=nemo.per_item_blocking(tiny_backend, selections))
+    for i, selection in enumerate(selections):
+        with nemo.block(tiny_backend, selection):
+            alone = generate(tiny_backend, embeddings[i : i + 1], [i])
+        assert torch.allclose(batched.images[i], alone.images[0], atol=1e-5)
+    unblocked = generate(tiny_backend, embeddings, [0, 1])
+    assert not torch.allclose(batched.images, unblocked.images, atol=1e-5)
+
+
+def test_attack_tells_row_context_which_embedding_each_row_comes_from(tiny_backend):
+    import contextlib
+
+    seen = []
+
+    def row_context(rows):
+        seen.append(rows.clone())
+        return contextlib.nullcontext()
+
+    target = tiny_backend.memorized[0].references.expand(3, -1, -1, -1)
+    attack.dori_attack(tiny_backend, target, attack.random_embeddings(tiny_backend, 3), steps=2, batch_size=4,
+                       chunk_size=2, row_context=row_context)
+    assert [r.tolist() for r in seen[:2]] == [[0] * 4 + [1] * 4, [2] * 4]
+
+
+def test_neurons_needed_reports_zero_for_prompts_that_do_not_replicate(tiny_backend):
+    items = tiny_backend.memorized[:2]
+    statistics = nemo.activation_statistics(tiny_backend, tiny_backend.prompt_sets["statistics"][:16])
+    found = nemo.neurons_needed(tiny_backend, items, statistics, seeds=(0,))
+    assert len(found) == 2
+    from dori_utils.evaluation import evaluate_items
+
+    plain = evaluate_items(tiny_backend, [0], items=items)
+    for (k, neurons), score in zip(found, plain.scores[:, 0]):
+        if score <= tiny_backend.replication_threshold:
+            assert k == 0 and neurons == {}
+    total = sum(len(m) for m in statistics.mean.values())
+    saved, tiny_backend.replication_threshold = tiny_backend.replication_threshold, -2.0
+    try:  # everything "replicates", even with every value neuron blocked
+        found = nemo.neurons_needed(tiny_backend, items, statistics, seeds=(0,))
+    finally:
+        tiny_backend.replication_threshold = saved
+    assert [k for k, _ in found] == [total, total]
+    assert sum(map(len, found[0][1].values())) == total
+
+
 def test_unknown_layer_name_is_a_clear_error():
     with pytest.raises(KeyError, match="to_v"):
         with hooks.zero_output_channels(torch.nn.Sequential(torch.nn.Linear(2, 2)), {"attn2.to_v": [0]}):

@@ -4,12 +4,15 @@ The background is read first: the median colour of the border pixels, named by t
 backgrounds. Pixels that differ from that median colour (by more than ``foreground_distance`` in RGB) are the
 foreground; each is assigned to the nearest of the six shape colours. A generated background is rarely the
 exact training colour, so comparing pixels with the image's own background, not with the palette, keeps a
-tinted background from being read as a shape. From that:
+tinted background from being read as a shape. A shape is one blob: a captioned colour's shape is the largest
+8-connected component of its pixels, so that stray edge pixels (antialiased blends of another shape with the
+background, which the nearest-colour rule can name as a third colour) neither count as that shape nor stretch
+its bounding box. From that:
 
 - background: the nearest named background to the border's median colour;
-- colour A / colour B: at least ``min_pixels`` pixels of that colour;
-- relation: the centroids of the two colours' pixels stand in the captioned relation (by at least 2 pixels);
-- shape A / shape B: how much of its bounding box the colour's pixels fill (square ~1, circle ~0.79,
+- colour A / colour B: a blob of at least ``min_pixels`` pixels of that colour;
+- relation: the centroids of the two colours' blobs stand in the captioned relation (by at least 2 pixels);
+- shape A / shape B: how much of its bounding box the colour's blob fills (square ~1, circle ~0.79,
   triangle ~0.5).
 
 The checker is validated on real training scenes (chapter 0) before it judges generations.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from scipy import ndimage
 
 from dori_utils.organism.data import BACKGROUNDS, RELATIONS, SHAPE_COLOURS, SHAPES
 
@@ -48,6 +52,14 @@ def _shape_from_fill(mask: np.ndarray) -> str:
     return "circle" if fill > 0.64 else "triangle"
 
 
+def _largest_blob(mask: np.ndarray) -> np.ndarray:
+    components, n = ndimage.label(mask, structure=np.ones((3, 3)))
+    if n == 0:
+        return mask
+    sizes = np.bincount(components.ravel())[1:]
+    return components == int(np.argmax(sizes)) + 1
+
+
 def check_scene(image: np.ndarray, caption: str, min_pixels: int = 12, foreground_distance: float = 60.0) -> dict[str, bool]:
     """Which of the caption's six attributes an H x W x 3 image (uint8, or float in [0, 1]) shows."""
     spec = parse_scene_caption(caption)
@@ -61,7 +73,7 @@ def check_scene(image: np.ndarray, caption: str, min_pixels: int = 12, foregroun
     foreground = np.sqrt(((pixels - border_colour) ** 2).sum(-1)) > foreground_distance
     shape_palette = _PALETTE[: len(SHAPE_COLOURS)]
     labels = np.where(foreground, np.argmin(((pixels[..., None, :] - shape_palette) ** 2).sum(-1), axis=-1), -1)
-    masks = {k: labels == _NAMES.index(spec[k]) for k in ("colour_a", "colour_b")}
+    masks = {k: _largest_blob(labels == _NAMES.index(spec[k])) for k in ("colour_a", "colour_b")}
     present = {k: m.sum() >= min_pixels for k, m in masks.items()}
     result = {"background": background == spec["background"], **present}
     if all(present.values()):
