@@ -428,8 +428,27 @@ def find_chromium(explicit: str | None = None) -> str:
                     "chromium`), or point CHROMIUM=/path/to/chrome at another build.")
 
 
-def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int = 120) -> list[Path]:
-    """Render every built page of ``_toc.yml`` in headless Chromium and save a 1280 x 4000 screenshot."""
+def trim_page(shot: Path, margin: int = 40, content_left: int = 300, blank: int = 1000) -> None:
+    """Cut a full-height screenshot where the page ends: at the first run of ``blank`` empty rows (the theme pins
+    its footer to the window's bottom edge, so the page's end is a long blank gap, not the last drawn row).
+    Only columns right of ``content_left`` count: the sidebar's border runs to the bottom."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("L"))[:, content_left:]
+        rows = np.nonzero((pixels < 245).any(axis=1))[0]
+        if len(rows) < 2:
+            return
+        gaps = np.nonzero(np.diff(rows) > blank)[0]
+        last = int(rows[gaps[0]] if len(gaps) else rows[-1])
+        trimmed = image.crop((0, 0, image.width, min(image.height, last + margin)))
+    trimmed.save(shot)
+
+
+def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int = 120, height: int = 24000) -> list[Path]:
+    """Render every built page of ``_toc.yml`` in headless Chromium and save a full-page screenshot: the window is
+    ``height`` pixels tall (enough for every chapter) and the blank space below the page is cut off."""
     html = root / "_build" / "html"
     pages = [html / page.relative_to(root).with_suffix(".html") for page in toc_pages(root)]
     missing = [p for p in pages if not p.exists()]
@@ -444,12 +463,13 @@ def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int
         with tempfile.TemporaryDirectory(prefix="dori-chromium-") as profile_dir:
             command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                       "--hide-scrollbars", f"--user-data-dir={profile_dir}", "--window-size=1280,4000",
+                       "--hide-scrollbars", f"--user-data-dir={profile_dir}", f"--window-size=1280,{height}",
                        f"--screenshot={shot}", page.as_uri()]
             result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
         if not shot.exists():
             raise BookError(f"Chromium wrote no screenshot for {page} (exit {result.returncode}):\n"
                             f"{result.stderr[-2000:]}")
+        trim_page(shot)
         shots.append(shot)
         print(f"  {shot}")
     return shots

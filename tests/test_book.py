@@ -250,3 +250,17 @@ def test_built_chapter_pages_hold_figures_and_tables():
         for src in re.findall(r'<img[^>]+src="([^"]+)"', text):
             if not src.startswith(("http", "data:")):
                 assert (page.parent / src).resolve().exists(), f"{page.name}: missing image {src}"
+
+
+def test_trim_page_cuts_at_the_blank_gap_before_a_pinned_footer(tmp_path):
+    from PIL import Image, ImageDraw
+
+    shot = tmp_path / "page.png"
+    image = Image.new("RGB", (1280, 6000), "white")
+    draw = ImageDraw.Draw(image)
+    draw.line([(255, 0), (255, 5999)], fill="gray")  # the sidebar's border: ignored
+    draw.rectangle([(400, 100), (900, 2500)], fill="black")  # the page
+    draw.rectangle([(400, 5900), (700, 5950)], fill="black")  # the footer at the window's bottom
+    image.save(shot)
+    book.trim_page(shot)
+    assert Image.open(shot).size == (1280, 2500 + 40)
