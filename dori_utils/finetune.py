@@ -134,10 +134,12 @@ def pruned_surrogates(backend, items, levels=SURROGATE_LEVELS, seeds=(0, 1, 2), 
     prompts = backend.encode_prompts([item.prompt for item in items])
     values = {name: list(range(module.out_features))
               for name, module in hooks.modules_by_name(backend.unet, nemo.value_layers(backend.unet)).items()}
+    # one pass for the activation norms; only the share of weights pruned differs between levels
+    masks_at = wanda.find_weights(backend, prompts, sparsity=[sparsity for sparsity, _ in levels], union_steps=union_steps)
     chosen: Surrogates | None = None
     remaining = list(range(len(items)))
     for sparsity, block_values in levels:
-        masks = wanda.find_weights(backend, prompts, sparsity=sparsity, union_steps=union_steps)
+        masks = masks_at[sparsity]
         label = f"Wanda {sparsity:.0%}" + (" + value neurons blocked" if block_values else "")
         with contextlib.ExitStack() as stack:
             stack.enter_context(wanda.prune(backend, masks))

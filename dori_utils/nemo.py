@@ -271,7 +271,7 @@ def neurons_needed(backend, items, statistics: ActivationStatistics, seeds=(0, 1
         middle = [(low[i] + high[i]) // 2 for i in active]
         for i, k, still in zip(active, middle, replicates(active, middle)):
             low[i], high[i] = (k, high[i]) if still else (low[i], k)
-    return [(max(high[i], low[i]), first(i, max(high[i], low[i]))) for i in everyone]
+    return [(high[i], first(i, high[i])) for i in everyone]
 
 
 def cross_item_blocking(backend, items, selections: list[dict[str, list[int]]], seeds=(0,)) -> torch.Tensor:

@@ -11,7 +11,6 @@ context manager it returns is open during that UNet call.
 from __future__ import annotations
 
 import contextlib
-
 from dataclasses import dataclass
 
 import torch

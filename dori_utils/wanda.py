@@ -82,9 +82,10 @@ def find_weights(backend, target_embeddings: torch.Tensor, sparsity: float | lis
     target_norms = input_norms(backend, target_embeddings, seeds, union_steps, **sampling_kwargs)
     base_norms = input_norms(backend, base, seeds, union_steps, **sampling_kwargs)
     modules = hooks.modules_by_name(backend.unet, list(target_norms))
+    several = isinstance(sparsity, (list, tuple))
     masks = {s: {name: select_weights(modules[name].weight, target_norms[name], base_norms[name], s) for name in target_norms}
-             for s in (sparsity if isinstance(sparsity, (list, tuple)) else [sparsity])}
-    return masks if isinstance(sparsity, (list, tuple)) else masks[sparsity]
+             for s in (sparsity if several else [sparsity])}
+    return masks if several else masks[sparsity]
 
 
 def prune(backend, masks: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
