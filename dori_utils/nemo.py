@@ -315,3 +315,20 @@ def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int 
     localized = [localize(backend, e[None], statistics, threshold)
                  for e in tqdm(embeddings, desc="NeMo localisation", disable=not progress)]
     return statistics, threshold, localized
+
+
+def cache_key(backend, items, n_statistics: int = 3000, n_calibration: int = 100) -> dict:
+    """What a ``mitigate_items`` run depends on: the model's weights, the items and the calibration sizes."""
+    return {"model": backend.info["fingerprint"], "items": [item.id for item in items],
+            "n_statistics": n_statistics, "n_calibration": n_calibration}
+
+
+def mitigate_items_cached(backend, items, path, n_statistics: int = 3000, n_calibration: int = 100,
+                          progress: bool = False):
+    """``mitigate_items``, stored in ``path`` under ``cache_key``: chapters that ask for the same run share one
+    file, and a different run replaces it instead of being mistaken for it."""
+    from dori_utils import results
+
+    return results.cached(path, cache_key(backend, items, n_statistics, n_calibration),
+                          lambda: mitigate_items(backend, items, n_statistics, n_calibration, progress=progress))
+

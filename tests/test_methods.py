@@ -257,3 +257,15 @@ def test_channels_touched_pairs_layers_of_the_same_transformer_block():
     mask[1, 3] = mask[2, 0] = True
     touched = analysis.channels_touched({f"{block}.attn2.to_v": [1, 3]}, {f"{block}.ff.net.2": mask})
     assert touched == {block: ({1, 3}, {1, 2})}
+
+
+def test_mitigate_items_cached_shares_one_run_and_recomputes_for_another(tiny_backend, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(nemo, "mitigate_items", lambda backend, items, n_s, n_c, progress=False: calls.append(n_s) or n_s)
+    path = tmp_path / "nemo.pt"
+    items = tiny_backend.memorized[:2]
+    assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8
+    assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8 and calls == [8]
+    assert nemo.mitigate_items_cached(tiny_backend, items[:1], path, 8, 4) == 8 and len(calls) == 2
+    assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4) == 16 and len(calls) == 3
+    assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
