@@ -24,6 +24,8 @@ def test_unseen_images_are_not_in_training():
     training = np.stack([s.image for s in samples]).astype(float)
     for image, _caption in unseen.values():
         assert np.abs(training - image.astype(float)).reshape(len(training), -1).mean(1).min() > 5
+    first_two = [caption for _image, caption in list(unseen.values())[:2]]
+    assert "a grayscale photo of a face" in first_two and len(set(first_two)) == 2  # both kinds come first
 
 
 def test_training_command_writes_a_loadable_checkpoint(tiny_organism_dir, tiny_backend):

@@ -246,18 +246,25 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3000, copies_per_photo: int =
 def unseen_images(training_samples: list[Sample]) -> dict[str, tuple[np.ndarray, str]]:
     """Photographs that never occur in training, with natural captions: targets for the attack's control.
 
-    Face thumbnails that the training draw did not pick, and packaged photographs used nowhere else.
+    Packaged photographs used nowhere else, and face thumbnails that the training draw did not pick. The two
+    kinds alternate, so that the first few controls hold both.
     """
+    import itertools
+
     import skimage.data
 
-    images = {
-        "microaneurysms": (square_resize(load_packaged_image("skimage:microaneurysms")), "a medical image of blood vessels"),
+    packaged = {
         "horse": (square_resize(load_packaged_image("skimage:horse")), "a silhouette of a horse"),
         "phantom": (square_resize(load_packaged_image("skimage:shepp_logan_phantom")), "a medical scan of a head"),
+        "microaneurysms": (square_resize(load_packaged_image("skimage:microaneurysms")), "a medical image of blood vessels"),
     }
     faces = skimage.data.lfw_subset()
     used = {int(s.item[4:]) for s in training_samples if s.item.startswith("face")}
-    for i in [i for i in range(len(faces)) if i not in used][:5]:
-        face = (np.clip(faces[i], 0, 1) * 255).astype(np.uint8)
-        images[f"face{i}"] = (square_resize(np.stack([face] * 3, axis=-1)), "a grayscale photo of a face")
-    return images
+    unused_faces = {
+        f"face{i}": (square_resize(np.stack([(np.clip(faces[i], 0, 1) * 255).astype(np.uint8)] * 3, axis=-1)),
+                     "a grayscale photo of a face")
+        for i in [i for i in range(len(faces)) if i not in used][:5]
+    }
+    both = {**packaged, **unused_faces}
+    order = [name for pair in itertools.zip_longest(packaged, unused_faces) for name in pair if name is not None]
+    return {name: both[name] for name in order}
