@@ -331,4 +331,3 @@ def mitigate_items_cached(backend, items, path, n_statistics: int = 3000, n_cali
 
     return results.cached(path, cache_key(backend, items, n_statistics, n_calibration),
                           lambda: mitigate_items(backend, items, n_statistics, n_calibration, progress=progress))
-

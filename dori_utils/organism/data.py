@@ -265,6 +265,5 @@ def unseen_images(training_samples: list[Sample]) -> dict[str, tuple[np.ndarray,
                      "a grayscale photo of a face")
         for i in [i for i in range(len(faces)) if i not in used][:5]
     }
-    both = {**packaged, **unused_faces}
-    order = [name for pair in itertools.zip_longest(packaged, unused_faces) for name in pair if name is not None]
-    return {name: both[name] for name in order}
+    pairs = itertools.zip_longest(packaged.items(), unused_faces.items())
+    return dict(entry for pair in pairs for entry in pair if entry is not None)
