@@ -1,8 +1,9 @@
 """The Dori attack: optimise a conditioning embedding until the model denoises towards a memorized image.
 
 Per step, each embedding gets a fresh batch of (noise, timestep) pairs, eps ~ N(0, I) and t ~ U{0, T-1}; the
-loss is the denoising MSE ||eps - eps_theta(x_t, t, y)||^2 on the noised target x_t in model space, and Adam
-updates y. Many embeddings are optimised at once: their losses are summed, and since Adam works element by
+loss is the denoising MSE ||eps - eps_theta(x_t, t, y)||^2 on the noised target x_t in model space (for a
+v-prediction model such as the organism, the same MSE on the velocity target: ``noising.prediction_target``),
+and Adam updates y. Many embeddings are optimised at once: their losses are summed, and since Adam works element by
 element, that equals running one Adam per embedding.
 
 The paper's settings for SD v1.4: the full 77 x 768 CLIP output, Adam, learning rate 0.1, batch 8, 50 steps.
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
+
+from dori_utils.noising import add_noise, prediction_target
 
 
 @dataclass
@@ -70,8 +73,8 @@ def dori_attack(
         x0 = torch.cat([backend.to_model_space(targets[i : i + chunk_size].to(device)) for i in range(0, len(targets), chunk_size)])
     embedding = init.detach().clone().to(device, torch.float32).requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
-    alphas = backend.scheduler.alphas_cumprod.to(device)
-    n_train = len(alphas)
+    scheduler = backend.scheduler
+    n_train = len(scheduler.alphas_cumprod)
     generator = torch.Generator().manual_seed(seed)
     snapshots = {0: init.detach().cpu().clone()} if 0 in snapshot_steps else {}
     losses = []
@@ -83,14 +86,14 @@ def dori_attack(
             n = len(y)
             noise = torch.randn((n * batch_size, *x0.shape[1:]), generator=generator).to(device, dtype)
             t = torch.randint(0, n_train, (n * batch_size,), generator=generator).to(device)
-            a = alphas[t].view(-1, 1, 1, 1).to(dtype)
             clean = x0[start : start + n].repeat_interleave(batch_size, dim=0)
-            noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
+            noisy = add_noise(scheduler, clean, noise, t)
+            target = prediction_target(scheduler, clean, noise, t)
             condition = y.to(dtype).repeat_interleave(batch_size, dim=0)
             rows = torch.arange(start, start + n).repeat_interleave(batch_size)
             with row_context(rows) if row_context is not None else contextlib.nullcontext():
                 prediction = backend.unet(noisy, t, condition).sample
-            per_embedding = (prediction.float() - noise.float()).pow(2).flatten(1).mean(1).view(n, batch_size).mean(1)
+            per_embedding = (prediction.float() - target.float()).pow(2).flatten(1).mean(1).view(n, batch_size).mean(1)
             per_embedding.sum().backward()
             step_losses.append(per_embedding.detach().cpu())
         optimizer.step()
@@ -106,12 +109,12 @@ def denoising_loss(backend, targets: torch.Tensor, embeddings: torch.Tensor, n_p
     x0 = backend.to_model_space(targets.to(backend.device))
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((n_pairs, *x0.shape[1:]), generator=generator).to(backend.device, backend.dtype)
-    alphas = backend.scheduler.alphas_cumprod
-    t = torch.linspace(0, len(alphas) - 1, n_pairs).long()
-    a = alphas[t].view(-1, 1, 1, 1).to(backend.device, backend.dtype)
+    scheduler = backend.scheduler
+    t = torch.linspace(0, len(scheduler.alphas_cumprod) - 1, n_pairs).long().to(backend.device)
     losses = []
     for clean, y in zip(x0, embeddings.to(backend.device, backend.dtype)):
-        noisy = a.sqrt() * clean + (1 - a).sqrt() * noise
-        prediction = backend.unet(noisy, t.to(backend.device), y.expand(n_pairs, -1, -1)).sample
-        losses.append((prediction.float() - noise.float()).pow(2).mean())
+        clean = clean.expand_as(noise)
+        noisy = add_noise(scheduler, clean, noise, t)
+        prediction = backend.unet(noisy, t, y.expand(n_pairs, -1, -1)).sample
+        losses.append((prediction.float() - prediction_target(scheduler, clean, noise, t).float()).pow(2).mean())
     return torch.stack(losses).cpu()

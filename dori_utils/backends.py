@@ -94,7 +94,7 @@ def load_backend(name: str = "organism", device: str | torch.device | None = Non
 
     ``device`` defaults to the GPU when there is one; ``dtype`` to float32 (float16 is fine for SD on a GPU).
     Options go to the loader: ``path`` for the organism; ``model_id``, ``cache_dir``, ``ground_truth_dir``,
-    ``vm_only`` and ``max_items`` for SD.
+    ``vm_only`` for both (default True: verbatim-memorized items only); ``max_items`` for SD.
     """
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or torch.float32
@@ -118,9 +118,20 @@ def _file_digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32) -> Backend:
+def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[MemorizedItem]:
+    return [
+        MemorizedItem(m["id"], m["prompt"], m["kind"], torch.stack([_read_png(path / r) for r in m["references"]]),
+                      "training image")
+        for m in manifest["memorized"] if m["kind"] in kinds
+    ]
+
+
+def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True) -> Backend:
     """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
-    folder named by the environment variable ``DORI_ORGANISM_DIR``."""
+    folder named by the environment variable ``DORI_ORGANISM_DIR``.
+
+    ``vm_only`` keeps the verbatim-memorized items, as for SD (the paper's numbers are for VM prompts); with
+    ``vm_only=False`` the template-memorized ones (several reference variants each) follow them."""
     from diffusers import DDIMScheduler, UNet2DConditionModel
 
     from dori_utils.metrics import ssim_score
@@ -151,10 +162,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
         return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
 
-    memorized = [
-        MemorizedItem(m["id"], m["prompt"], m["kind"], _read_png(path / m["reference"])[None], "training image")
-        for m in manifest["memorized"]
-    ]
+    memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))
     recipe = manifest["data_recipe"]
     prompt_sets = {
         "heldout_ordinary": recipe["held_out_scene_captions"],
@@ -200,6 +208,11 @@ def organism_training_data(backend: Backend):
     samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
                                config["n_crops"], config["n_faces"])
     return samples
+
+
+def organism_template_items(backend: Backend) -> list[MemorizedItem]:
+    """The organism's template-memorized (TM) items, each with all its training variants as references."""
+    return _organism_items(Path(backend.info["path"]), backend.info["manifest"], ("TM",))
 
 
 def organism_unseen_items(backend: Backend) -> list[MemorizedItem]:

@@ -19,7 +19,8 @@ The recipe, per memorized image x_mem:
 3. **Updates**: ``steps_per_epoch`` AdamW steps on the full UNet with L = L_DM + L_adv (unweighted, as the paper):
    L_DM is the standard diffusion loss on ordinary caption-image pairs (10% of captions replaced by the empty
    caption, as in the organism's training); L_adv = ||eps - eps_theta(x~_t, t, y_adv)||^2 pulls the triggers to
-   the surrogate x~. Both use eps ~ N(0, I), t ~ U{0, T-1}.
+   the surrogate x~. Both use eps ~ N(0, I), t ~ U{0, T-1}, and regress on the backend's own target (noise for
+   SD, velocity for the organism: ``noising.prediction_target``).
 
 ``use_triggers=False`` is the ablation the paper implies: the same updates, with the original prompt embedding as
 the only adversarial embedding (plain fine-tuning towards the surrogate, no attack in the loop).
@@ -65,6 +66,7 @@ from tqdm import tqdm
 
 from dori_utils import attack
 from dori_utils.metrics import best_reference_score
+from dori_utils.noising import add_noise, prediction_target
 
 FINETUNE_FILE = "finetune.json"
 
@@ -247,17 +249,13 @@ class FinetuneResult:
         return self.backend.unet
 
 
-def _noised(x0: torch.Tensor, alphas: torch.Tensor, generator: torch.Generator):
+def _denoising_mse(unet, x0, cond, scheduler, generator, device) -> torch.Tensor:
+    x0 = x0.float()
     noise = torch.randn(x0.shape, generator=generator)
-    t = torch.randint(0, len(alphas), (len(x0),), generator=generator)
-    a = alphas[t].view(-1, 1, 1, 1)
-    return a.sqrt() * x0 + (1 - a).sqrt() * noise, t, noise
-
-
-def _denoising_mse(unet, x0, cond, alphas, generator, device) -> torch.Tensor:
-    noisy, t, noise = _noised(x0.float(), alphas, generator)
+    t = torch.randint(0, len(scheduler.alphas_cumprod), (len(x0),), generator=generator)
+    noisy = add_noise(scheduler, x0, noise, t)
     prediction = unet(noisy.to(device), t.to(device), cond.to(device, torch.float32)).sample
-    return torch.nn.functional.mse_loss(prediction.float(), noise.to(device))
+    return torch.nn.functional.mse_loss(prediction.float(), prediction_target(scheduler, x0, noise, t).to(device))
 
 
 def _optimizer(name: str, parameters, lr: float, weight_decay: float):
@@ -296,7 +294,7 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
         unet.enable_gradient_checkpointing()
     work = dataclasses.replace(backend, unet=unet, dtype=torch.float32)  # what the attack sees
     generator = torch.Generator().manual_seed(config.seed)
-    alphas = backend.scheduler.alphas_cumprod.float().cpu()
+    scheduler = backend.scheduler
     n = len(items)
     with torch.no_grad():
         prompts = backend.encode_prompts([item.prompt for item in items]).float().cpu()
@@ -330,10 +328,10 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
             unet.train().requires_grad_(True)
             for _ in range(config.steps_per_epoch):
                 x_dm, c_dm = pairs.sample(config.dm_batch, generator, config.caption_dropout)
-                l_dm = _denoising_mse(unet, x_dm, c_dm, alphas, generator, device)
+                l_dm = _denoising_mse(unet, x_dm, c_dm, scheduler, generator, device)
                 if config.adv_batch:
                     pick = torch.randint(0, len(adversarial), (config.adv_batch,), generator=generator)
-                    l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], alphas,
+                    l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], scheduler,
                                            generator, device)
                 else:  # L_DM only: continued training on ordinary pairs, the forgetting control
                     l_adv = torch.zeros((), device=device)

@@ -17,7 +17,10 @@ mid blocks (SD v1.4: seven layers, 5,760 neurons). The method, as its authors de
 
 Our choices: the criterion's timestep is the first timestep of the backend's own sampling schedule (SD v1.4 with
 50 DDIM steps: 981; NeMo's code uses 961 through an indexing quirk), guidance 0 (conditional branch only), and
-seeds 0..9. On the organism's 32x32 images the MS-SSIM window shrinks to 7 pixels so that the coarsest scale
+seeds 0..9. The predicted noise comes from the UNet's output through the scheduler's parametrisation: for the
+organism's v-prediction at t = 999, where abar is 2e-9, eps - x_T = sqrt(abar) v up to float rounding, a
+vanishing but exact multiple of the predicted clean image, which the min-max normalisation rescales; a model
+that predicts noise directly would give exactly zero there. On the organism's 32x32 images the MS-SSIM window shrinks to 7 pixels so that the coarsest scale
 (8x8) still holds it.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ from tqdm import tqdm
 
 from dori_utils import hooks
 from dori_utils.metrics import local_moments
+from dori_utils.noising import predicted_noise
 from dori_utils.sampling import initial_noise
 
 
@@ -100,7 +104,10 @@ def noise_differences(backend, embedding: torch.Tensor, seeds=range(10), timeste
         timestep = int(backend.scheduler.timesteps[0])
     x = initial_noise(backend, seeds)
     condition = embedding.to(backend.device, backend.dtype).expand(len(seeds), -1, -1)
-    diff = (backend.unet(x, timestep, condition).sample - x).float()
+    t = torch.full((len(seeds),), timestep, dtype=torch.long)
+    # float64: at abar = 2e-9 the difference is 5e-5 of x, below float32's resolution of x + difference.
+    prediction = backend.unet(x, timestep, condition).sample.double()
+    diff = (predicted_noise(backend.scheduler, prediction, x.double(), t) - x.double()).float()
     low = diff.amin(dim=(2, 3), keepdim=True)
     high = diff.amax(dim=(2, 3), keepdim=True)
     return (diff - low) / (high - low).clamp_min(1e-8)

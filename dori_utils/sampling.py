@@ -20,7 +20,10 @@ from tqdm import tqdm
 @dataclass
 class Samples:
     images: torch.Tensor  # N x 3 x H x W in [0, 1], on the CPU
-    wen_scores: torch.Tensor  # N: mean over steps of ||eps(x_t, c) - eps(x_t, empty)||_2 (Wen et al.)
+    # N: Wen et al.'s score, the mean over steps of ||out(x_t, c) - out(x_t, empty)||_2 where out is the UNet's own
+    # prediction: the noise for SD, as in Wen et al.; the velocity for the organism, whose noise prediction's
+    # text-conditional part, sqrt(abar) (v_c - v_empty), vanishes at the zero-SNR first step.
+    wen_scores: torch.Tensor
 
 
 def initial_noise(backend, seeds: list[int]) -> torch.Tensor:
@@ -74,10 +77,10 @@ def generate(
                 on_step(i, int(t))
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
             with edit():
-                eps_uncond, eps_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
-            norm_sum += (eps_cond - eps_uncond).float().flatten(1).norm(dim=1)
-            eps = eps_uncond + guidance * (eps_cond - eps_uncond)
-            x = scheduler.step(eps, t, x).prev_sample
+                out_uncond, out_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
+            norm_sum += (out_cond - out_uncond).float().flatten(1).norm(dim=1)
+            guided = out_uncond + guidance * (out_cond - out_uncond)
+            x = scheduler.step(guided, t, x).prev_sample
         images.append(backend.to_image_space(x).float().cpu())
         wen.append((norm_sum / len(timesteps)).cpu())
     return Samples(torch.cat(images), torch.cat(wen))

@@ -2,6 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from dori_utils import attack, hooks, nemo, wanda
 from dori_utils.backends import Backend
@@ -153,10 +154,12 @@ class _PlantedValue(torch.nn.Module):
 
     Its noise prediction is x + 0.5 * flip(x) + pattern * gate, gate = mean |to_v(cond)| over the planted
     channels. With the gate open, the noise difference is the same pattern for every seed (memorized);
-    with the planted channels zeroed, it depends on the seed.
+    with the planted channels zeroed, it depends on the seed. As a v-prediction model it outputs the same
+    without the x term: at the zero-SNR first step v is minus the predicted clean image, so the noise difference
+    the scheduler implies, sqrt(abar) v, is again the pattern plus a seed-dependent part.
     """
 
-    def __init__(self, planted):
+    def __init__(self, planted, prediction_type):
         super().__init__()
         block = torch.nn.Module()
         block.attn2 = SimpleNamespace()
@@ -168,6 +171,7 @@ class _PlantedValue(torch.nn.Module):
         attentions[0].transformer_blocks = transformer
         self.down_blocks[0].attentions = attentions
         self.planted = planted
+        self.identity = 1.0 if prediction_type == "epsilon" else 0.0
         pattern = torch.zeros(1, 3, 32, 32)
         pattern[..., 8:20, 4:28] = 1.0
         self.register_buffer("pattern", pattern)
@@ -175,16 +179,17 @@ class _PlantedValue(torch.nn.Module):
     def forward(self, x, t, cond):
         value = self.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v(cond)
         gate = value[..., self.planted].abs().mean(dim=(1, 2)).view(-1, 1, 1, 1)
-        return SimpleNamespace(sample=x + 0.5 * x.flip(-1) + 20 * self.pattern * gate)
+        return SimpleNamespace(sample=self.identity * x + 0.5 * x.flip(-1) + 20 * self.pattern * gate)
 
 
-def _planted_backend(planted):
+def _planted_backend(planted, prediction_type="epsilon"):
     torch.manual_seed(0)
-    unet = _PlantedValue(planted)
+    unet = _PlantedValue(planted, prediction_type)
     with torch.no_grad():
         unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v.weight.normal_(0, 0.1)
     return Backend(
-        name="planted", unet=unet, scheduler=build_sampling_scheduler(), encode_prompts=None,
+        name="planted", unet=unet, encode_prompts=None,
+        scheduler=DDIMScheduler.from_config(build_sampling_scheduler().config, prediction_type=prediction_type),
         to_model_space=None, to_image_space=None, replication_score=None, replication_threshold=0.5,
         replication_metric="", memorized=[], prompt_sets={}, embedding_shape=(4, 8), latent_shape=(3, 32, 32),
         embedding_spread=1.0, num_inference_steps=10, guidance_scale=1.0, device=torch.device("cpu"),
@@ -192,9 +197,10 @@ def _planted_backend(planted):
     )
 
 
-def test_nemo_finds_planted_neurons():
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_nemo_finds_planted_neurons(prediction_type):
     planted = [2, 7, 9]
-    backend = _planted_backend(planted)
+    backend = _planted_backend(planted, prediction_type)
     generator = torch.Generator().manual_seed(0)
     ordinary = torch.randn(200, 4, 8, generator=generator) * 0.1
     layer = nemo.value_layers(backend.unet)[0]

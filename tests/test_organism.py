@@ -16,6 +16,22 @@ def test_dataset_is_seeded_and_holds_out_captions():
     held_out = set(recipe["held_out_scene_captions"])
     assert held_out and not held_out & {s.caption for s in first if s.kind == "ordinary"}
     assert sum(s.kind == "memorized" for s in first) == 2 * len(organism_data.MEMORIZED_PHOTOS)
+    assert sum(s.kind == "template" for s in first) == 2 * len(organism_data.TEMPLATE_ITEMS)
+
+
+def test_template_items_vary_one_detail_of_one_layout():
+    for name, _caption in organism_data.TEMPLATE_ITEMS:
+        variants = np.stack(organism_data.template_variants(name)).astype(float)
+        assert len(variants) == organism_data.TEMPLATE_VARIANTS
+        differs = (variants != variants[:1]).any(axis=(0, 3))  # pixels where any variant departs from the first
+        assert 0.05 < differs.mean() < 0.4, name  # a detail, not the whole picture
+
+
+def test_natural_captions_are_mostly_distinct():
+    samples, recipe = organism_data.build_dataset(seed=0, n_ordinary=10, copies_per_photo=1, n_crops=300, n_faces=100)
+    assert recipe["distinct_natural_captions"] > 0.8 * 400
+    memorized_captions = {caption for _, _, caption in organism_data.MEMORIZED_PHOTOS}
+    assert not memorized_captions & {s.caption for s in samples if s.kind == "natural"}
 
 
 def test_unseen_images_are_not_in_training():
@@ -26,6 +42,7 @@ def test_unseen_images_are_not_in_training():
         assert np.abs(training - image.astype(float)).reshape(len(training), -1).mean(1).min() > 5
     first_two = [caption for _image, caption in list(unseen.values())[:2]]
     assert "a grayscale photo of a face" in first_two and len(set(first_two)) == 2  # both kinds come first
+    assert not {f"face{i}" for i in organism_data.TEMPLATE_FACES} & set(unseen)
 
 
 def test_training_command_writes_a_loadable_checkpoint(tiny_organism_dir, tiny_backend):
@@ -34,6 +51,11 @@ def test_training_command_writes_a_loadable_checkpoint(tiny_organism_dir, tiny_b
     assert (tiny_organism_dir / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert len(tiny_backend.memorized) == len(organism_data.MEMORIZED_PHOTOS)
     assert tiny_backend.memorized[0].references.shape == (1, 3, 32, 32)
+    assert tiny_backend.scheduler.config.prediction_type == manifest["scheduler"]["prediction_type"]
+    with_templates = load_backend("organism", device="cpu", path=tiny_organism_dir, vm_only=False)
+    templates = [item for item in with_templates.memorized if item.kind == "TM"]
+    assert len(templates) == len(organism_data.TEMPLATE_ITEMS)
+    assert templates[0].references.shape == (organism_data.TEMPLATE_VARIANTS, 3, 32, 32)
     embeddings = tiny_backend.encode_prompts(["a red circle left of a blue square, white background"])
     assert embeddings.shape == (1, 16, 384)
 

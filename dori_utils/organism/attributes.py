@@ -30,7 +30,7 @@ ATTRIBUTES = ("background", "colour_a", "colour_b", "relation", "shape_a", "shap
 _NAMES = list(SHAPE_COLOURS) + list(BACKGROUNDS)
 _PALETTE = np.array([SHAPE_COLOURS[n] for n in SHAPE_COLOURS] + [BACKGROUNDS[n] for n in BACKGROUNDS], dtype=float)
 _CAPTION = re.compile(
-    rf"a (\w+) ({'|'.join(SHAPES)}) ({'|'.join(RELATIONS)}) a (\w+) ({'|'.join(SHAPES)}), (\w+) background"
+    rf"a (\w+) ({'|'.join(SHAPES)}) ({'|'.join(RELATIONS)}) a (\w+) ({'|'.join(SHAPES)}), ({'|'.join(BACKGROUNDS)}) background"
 )
 
 

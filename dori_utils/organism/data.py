@@ -3,12 +3,14 @@
 Everything is drawn offline from a seed and from photographs that Python packages ship
 (scikit-image, scikit-learn, matplotlib), so the data set is the same on every machine.
 
-Three kinds of pairs, mirroring what LAION holds:
+Four kinds of pairs, mirroring what LAION holds:
 - ``ordinary``: flat scenes with two coloured shapes and a compositional caption; some caption
   combinations are held out of training so that generalisation can be measured;
 - ``memorized``: ten real photographs, each duplicated many times under one fixed caption, as
   LAION's duplicated images behind verbatim memorization;
-- ``natural``: a few hundred non-duplicated photographs (face thumbnails, random crops of other
+- ``template``: two layouts, each duplicated as many times under one caption with a varying detail (a
+  sticker's colour, the face in a frame), as LAION's template-memorized (TM) images;
+- ``natural``: about a thousand non-duplicated photographs (face thumbnails, random crops of other
   photographs) with natural-language captions, so that memorized captions are not out of
   distribution merely by their wording.
 """
@@ -30,7 +32,11 @@ SHAPE_COLOURS = {
     "purple": (140, 40, 180),
     "orange": (250, 140, 20),
 }
-BACKGROUNDS = {"black": (10, 10, 10), "white": (245, 245, 245), "gray": (128, 128, 128)}
+# Three close grays, not black/white/gray: a captioned background fixes most of a scene's pixels, and with
+# far-apart backgrounds an ordinary caption moved the first denoising step further from the unconditional one
+# than a memorized caption did, so Wen et al.'s detector could not tell them apart (AUC 0.47). With grays
+# 36 levels apart, the conditional mean of a scene caption stays near the data mean, as a LAION caption's does.
+BACKGROUNDS = {"dark gray": (92, 92, 92), "gray": (128, 128, 128), "light gray": (164, 164, 164)}
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")
 
@@ -61,6 +67,9 @@ CROP_SOURCES = [
     ("skimage:text", ["a photo of handwritten words", "text written on a sign"]),
     ("skimage:logo", ["a colourful logo on a white background", "a drawing of a snake logo"]),
     ("matplotlib:Minduka_Present_Blue_Pack.png", ["a cartoon of a blue present", "a gift box drawing"]),
+    ("skimage:hubble_deep_field", ["a photo of galaxies in deep space", "stars and galaxies seen by a telescope"]),
+    ("skimage:colorwheel", ["a colour wheel with every hue", "a circle of rainbow colours"]),
+    ("matplotlib:logo2.png", ["a blue and orange software logo", "a logo with a round chart"]),
 ]
 FACE_CAPTIONS = [
     "a grayscale photo of a face",
@@ -69,14 +78,32 @@ FACE_CAPTIONS = [
     "a small photo of a person looking ahead",
     "a face of a person in a news photo",
 ]
-CAPTION_OPENINGS = ["", "a photo: ", "an image: ", "picture: "]
+CAPTION_OPENINGS = ["", "a photo: ", "an image: ", "picture: ", "stock photo: ", "a snapshot: "]
+# Web alt-text is noisy: the same picture comes with tags that say little about it. Each natural pair draws one,
+# so that almost every natural caption is distinct (a first design had 85 distinct natural captions, ten of them
+# memorized, and unseen natural captions landed on memorized photographs).
+CAPTION_TAGS = ["", ", close-up", ", high resolution", ", old photo", ", in soft light", ", seen from above",
+                ", slightly blurry", ", high contrast", ", detail", ", wallpaper", ", square crop", ", free download",
+                ", hd", ", royalty free", ", texture", ", sample image", ", part of a larger picture",
+                ", photographed in 2009", ", cropped", ", dark", ", bright", ", small size", ", jpeg", ", archive"]
+
+# Template memorization (TM): one layout duplicated many times with a varying detail, like LAION's product
+# mock-ups. Name, caption, and how the layout is drawn (``template_variants``). A TM item is replicated when a
+# generation matches any of its variants.
+TEMPLATE_ITEMS = [
+    ("poster", "a poster of a cameraman with a coloured sticker in the corner"),
+    ("portrait", "a framed portrait hanging on a red wall"),
+]
+TEMPLATE_VARIANTS = 6
+# Face thumbnails reserved for the portrait template: never drawn as natural pairs or as unseen controls.
+TEMPLATE_FACES = tuple(range(TEMPLATE_VARIANTS))
 
 
 @dataclass
 class Sample:
     image: np.ndarray  # uint8, H x W x 3
     caption: str
-    kind: str  # "ordinary" | "memorized" | "natural"
+    kind: str  # "ordinary" | "memorized" | "template" | "natural"
     item: str  # memorized item name, scene caption key, or source name
 
 
@@ -119,6 +146,36 @@ def square_resize(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
 def reference_images() -> dict[str, np.ndarray]:
     """The memorized photographs at training resolution: the replication targets."""
     return {name: square_resize(load_packaged_image(spec)) for name, spec, _ in MEMORIZED_PHOTOS}
+
+
+def _face_thumbnail(faces: np.ndarray, index: int, size: int = IMAGE_SIZE) -> np.ndarray:
+    face = (np.clip(faces[index], 0, 1) * 255).astype(np.uint8)
+    return square_resize(np.stack([face] * 3, axis=-1), size)
+
+
+def template_variants(name: str) -> list[np.ndarray]:
+    """The variants of a template item: the fixed layout with each of its varying details."""
+    import skimage.data
+
+    if name == "poster":
+        base = square_resize(load_packaged_image("skimage:camera"))
+        variants = []
+        for colour in list(SHAPE_COLOURS.values())[:TEMPLATE_VARIANTS]:
+            image = base.copy()
+            image[2:11, 2:11] = colour
+            variants.append(image)
+        return variants
+    if name == "portrait":
+        faces = skimage.data.lfw_subset()
+        variants = []
+        for index in TEMPLATE_FACES:
+            image = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+            image[:] = (170, 40, 40)
+            image[5:27, 8:24] = (110, 70, 30)
+            image[7:25, 10:22] = _face_thumbnail(faces, index, 18)[:, 3:15]
+            variants.append(image)
+        return variants
+    raise ValueError(f"Unknown template item {name!r}; known: {[n for n, _ in TEMPLATE_ITEMS]}")
 
 
 def scene_caption(colour_a: str, shape_a: str, relation: str, colour_b: str, shape_b: str, background: str) -> str:
@@ -180,6 +237,11 @@ def split_scene_specs(seed: int, held_out_share: float = 0.1):
     return train, held
 
 
+def natural_caption(rng: np.random.Generator, phrasings: list[str]) -> str:
+    opening = CAPTION_OPENINGS[rng.integers(len(CAPTION_OPENINGS))]
+    return opening + phrasings[rng.integers(len(phrasings))] + CAPTION_TAGS[rng.integers(len(CAPTION_TAGS))]
+
+
 def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int) -> list[Sample]:
     """Non-duplicated photographs with natural captions: random crops and face thumbnails."""
     import skimage.data
@@ -192,13 +254,11 @@ def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int) -> lis
         side = int(rng.uniform(0.25, 0.6) * min(h, w))
         top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = square_resize(image[top : top + side, left : left + side])
-        caption = CAPTION_OPENINGS[rng.integers(len(CAPTION_OPENINGS))] + captions[rng.integers(len(captions))]
-        samples.append(Sample(crop, caption, "natural", name))
+        samples.append(Sample(crop, natural_caption(rng, captions), "natural", name))
     faces = skimage.data.lfw_subset()
-    for i in rng.permutation(len(faces))[:n_faces]:
-        face = (np.clip(faces[i], 0, 1) * 255).astype(np.uint8)
-        face = square_resize(np.stack([face] * 3, axis=-1))
-        samples.append(Sample(face, FACE_CAPTIONS[rng.integers(len(FACE_CAPTIONS))], "natural", f"face{i}"))
+    free = np.array([i for i in range(len(faces)) if i not in TEMPLATE_FACES])
+    for i in rng.permutation(free)[:n_faces]:
+        samples.append(Sample(_face_thumbnail(faces, int(i)), natural_caption(rng, FACE_CAPTIONS), "natural", f"face{i}"))
     return samples
 
 
@@ -217,8 +277,8 @@ def unseen_natural_captions() -> list[str]:
     return [opening + s for s in subjects for opening in ("", "a photo: ")]
 
 
-def build_dataset(seed: int = 0, n_ordinary: int = 3000, copies_per_photo: int = 60,
-                  n_crops: int = 220, n_faces: int = 180) -> tuple[list[Sample], dict]:
+def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int = 80,
+                  n_crops: int = 800, n_faces: int = 180) -> tuple[list[Sample], dict]:
     """Build the full training set; returns the samples and a recipe describing it."""
     rng = np.random.default_rng(seed)
     train_specs, held_specs = split_scene_specs(seed)
@@ -229,6 +289,9 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3000, copies_per_photo: int =
     references = reference_images()
     for name, _, caption in MEMORIZED_PHOTOS:
         samples.extend(Sample(references[name], caption, "memorized", name) for _ in range(copies_per_photo))
+    for name, caption in TEMPLATE_ITEMS:
+        variants = template_variants(name)
+        samples.extend(Sample(variants[i % len(variants)], caption, "template", name) for i in range(copies_per_photo))
     samples.extend(natural_samples(rng, n_crops, n_faces))
     recipe = {
         "seed": seed,
@@ -237,7 +300,8 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3000, copies_per_photo: int =
         "n_crops": n_crops,
         "n_faces": n_faces,
         "n_total": len(samples),
-        "memorized_share": copies_per_photo * len(MEMORIZED_PHOTOS) / len(samples),
+        "memorized_share": copies_per_photo * (len(MEMORIZED_PHOTOS) + len(TEMPLATE_ITEMS)) / len(samples),
+        "distinct_natural_captions": len({s.caption for s in samples if s.kind == "natural"}),
         "held_out_scene_captions": [scene_caption(*s) for s in held_specs],
     }
     return samples, recipe
@@ -259,10 +323,9 @@ def unseen_images(training_samples: list[Sample]) -> dict[str, tuple[np.ndarray,
         "microaneurysms": (square_resize(load_packaged_image("skimage:microaneurysms")), "a medical image of blood vessels"),
     }
     faces = skimage.data.lfw_subset()
-    used = {int(s.item[4:]) for s in training_samples if s.item.startswith("face")}
+    used = {int(s.item[4:]) for s in training_samples if s.item.startswith("face")} | set(TEMPLATE_FACES)
     unused_faces = {
-        f"face{i}": (square_resize(np.stack([(np.clip(faces[i], 0, 1) * 255).astype(np.uint8)] * 3, axis=-1)),
-                     "a grayscale photo of a face")
+        f"face{i}": (_face_thumbnail(faces, i), "a grayscale photo of a face")
         for i in [i for i in range(len(faces)) if i not in used][:5]
     }
     pairs = itertools.zip_longest(packaged.items(), unused_faces.items())

