@@ -283,15 +283,20 @@ def neurons_needed(backend, items, statistics: ActivationStatistics, seeds=(0, 1
 
 def cross_item_blocking(backend, items, selections: list[dict[str, list[int]]], seeds=(0,)) -> torch.Tensor:
     """Does one prompt's selection also stop the others? ``scores[i, j]``: median replication score of item j's
-    prompt while item i's neurons are blocked (one batch for all pairs)."""
+    prompt while item i's neurons are blocked (one batch for all pairs). Items with the same selection share
+    their row: when every item needs all neurons blocked, that is one row to generate instead of n."""
     from dori_utils.evaluation import evaluate_items
 
     n = len(items)
     embeddings = backend.encode_prompts([item.prompt for item in items])
-    pairs = [(i, j) for i in range(n) for j in range(n)]
+    keys = [tuple(sorted((name, tuple(sorted(c))) for name, c in selection.items() if c)) for selection in selections]
+    distinct = list(dict.fromkeys(keys))
+    representative = [selections[keys.index(key)] for key in distinct]
+    pairs = [(u, j) for u in range(len(distinct)) for j in range(n)]
     result = evaluate_items(backend, list(seeds), embeddings[[j for _, j in pairs]], items=[items[j] for _, j in pairs],
-                            row_context=per_item_blocking(backend, [selections[i] for i, _ in pairs]))
-    return result.scores.median(dim=1).values.view(n, n)
+                            row_context=per_item_blocking(backend, [representative[u] for u, _ in pairs]))
+    scores = result.scores.median(dim=1).values.view(len(distinct), n)
+    return scores[[distinct.index(key) for key in keys]]
 
 
 def backend_statistics(backend, n_statistics: int = 3000, seed: int = 0) -> ActivationStatistics:

@@ -44,10 +44,3 @@ def predicted_noise(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t:
     a = _abar(scheduler, t, x_t)
     return a.sqrt() * model_output + (1 - a).sqrt() * x_t
 
-
-def predicted_clean(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The clean image the UNet's output implies at x_t (the x0 that DDIM steps towards)."""
-    a = _abar(scheduler, t, x_t)
-    if prediction_type(scheduler) == "epsilon":
-        return (x_t - (1 - a).sqrt() * model_output) / a.sqrt()
-    return a.sqrt() * x_t - (1 - a).sqrt() * model_output

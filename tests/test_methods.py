@@ -275,3 +275,19 @@ def test_mitigate_items_cached_shares_one_run_and_recomputes_for_another(tiny_ba
     assert nemo.mitigate_items_cached(tiny_backend, items[:1], path, 8, 4) == 8 and len(calls) == 2
     assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4) == 16 and len(calls) == 3
     assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
+
+
+def test_cross_item_blocking_generates_each_distinct_selection_once(tiny_backend, monkeypatch):
+    from dori_utils import evaluation
+
+    items = tiny_backend.memorized[:3]
+    layer = nemo.value_layers(tiny_backend.unet)[0]
+    selections = [{layer: [0, 1]}, {layer: [1, 0]}, {layer: [2]}]  # the first two are the same set
+    calls = []
+    original = evaluation.evaluate_items
+    monkeypatch.setattr(evaluation, "evaluate_items", lambda *a, **k: calls.append(len(k["items"])) or original(*a, **k))
+    scores = nemo.cross_item_blocking(tiny_backend, items, selections)
+    assert calls == [2 * len(items)]
+    assert scores.shape == (3, 3) and torch.equal(scores[0], scores[1])
+    alone = nemo.cross_item_blocking(tiny_backend, items, [selections[2]] * 3)
+    assert torch.allclose(alone[0], scores[2])
