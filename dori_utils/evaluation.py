@@ -16,6 +16,7 @@ class ItemEvaluation:
     images: torch.Tensor  # items x seeds x 3 x H x W
     scores: torch.Tensor  # items x seeds: replication score against the item's own references
     wen: torch.Tensor  # items x seeds: Wen et al.'s detector
+    wen_per_step: torch.Tensor  # items x seeds x steps
     threshold: float
 
     @property
@@ -46,7 +47,7 @@ def evaluate_items(backend, seeds: list[int], embeddings: torch.Tensor | None = 
     scores = torch.stack([best_reference_score(backend.replication_score, images[i], item.references)
                           for i, item in enumerate(items)])
     return ItemEvaluation([item.id for item in items], images, scores, samples.wen_scores.view(len(items), len(seeds)),
-                          backend.replication_threshold)
+                          samples.wen_per_step.view(len(items), len(seeds), -1), backend.replication_threshold)
 
 
 def score_against_all_references(backend, images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:

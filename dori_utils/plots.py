@@ -19,6 +19,17 @@ def to_numpy_image(image) -> np.ndarray:
     return image / 255 if image.dtype == np.uint8 else np.clip(image, 0, 1)
 
 
+def horizontal_boxplot(ax, values: list, labels: list[str], **kwargs):
+    """Box plots lying along the x axis, one per label, from the bottom up. Matplotlib 3.10 replaced
+    ``vert=False`` with ``orientation="horizontal"`` and 3.11 warns about the old name; Colab may have either."""
+    import inspect
+
+    lying = ({"orientation": "horizontal"} if "orientation" in inspect.signature(ax.boxplot).parameters
+             else {"vert": False})
+    result = ax.boxplot(values, **lying, **kwargs)
+    ax.set_yticks(range(1, len(labels) + 1), labels)
+    return result
+
 def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
                title: str | None = None, cell: float = 1.3, captions: list[list[str]] | None = None):
     """A grid of images: ``rows[i][j]`` is shown at row i, column j, with labels and optional captions."""

@@ -24,6 +24,8 @@ class Samples:
     # prediction: the noise for SD, as in Wen et al.; the velocity for the organism, whose noise prediction's
     # text-conditional part, sqrt(abar) (v_c - v_empty), vanishes at the zero-SNR first step.
     wen_scores: torch.Tensor
+    # N x steps: the same norm at each sampling step (``wen_scores`` is its mean), to see where the detector separates.
+    wen_per_step: torch.Tensor
 
 
 def initial_noise(backend, seeds: list[int]) -> torch.Tensor:
@@ -68,7 +70,7 @@ def generate(
         x = initial_noise(backend, seeds[start : start + batch_size]) * scheduler.init_noise_sigma
         uncond = empty.expand_as(cond)
         scheduler.set_timesteps(steps)
-        norm_sum = torch.zeros(len(cond), device=backend.device)
+        norms = []
         timesteps = scheduler.timesteps[:stop_after] if stop_after else scheduler.timesteps
         rows = torch.arange(start, start + len(cond))
         edit = (lambda: row_context(torch.cat([rows, rows]))) if row_context is not None else contextlib.nullcontext
@@ -78,12 +80,13 @@ def generate(
             model_in = scheduler.scale_model_input(torch.cat([x, x]), t)
             with edit():
                 out_uncond, out_cond = backend.unet(model_in, t, torch.cat([uncond, cond])).sample.chunk(2)
-            norm_sum += (out_cond - out_uncond).float().flatten(1).norm(dim=1)
+            norms.append((out_cond - out_uncond).float().flatten(1).norm(dim=1))
             guided = out_uncond + guidance * (out_cond - out_uncond)
             x = scheduler.step(guided, t, x).prev_sample
         images.append(backend.to_image_space(x).float().cpu())
-        wen.append((norm_sum / len(timesteps)).cpu())
-    return Samples(torch.cat(images), torch.cat(wen))
+        wen.append(torch.stack(norms, dim=1).cpu())
+    per_step = torch.cat(wen)
+    return Samples(torch.cat(images), per_step.mean(dim=1), per_step)
 
 
 def generate_for_prompts(backend, prompts: list[str], seeds: list[int], **kwargs) -> Samples:

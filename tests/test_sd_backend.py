@@ -132,6 +132,24 @@ def test_seeded_generation_is_bit_identical(backend):
     assert not torch.equal(first.images[0], first.images[1])
 
 
+def test_wen_score_is_the_mean_of_per_step_norms(backend):
+    from dori_utils.sampling import initial_noise
+
+    embeddings = backend.encode_prompts(["a cat", "a dog"])
+    samples = generate(backend, embeddings, [3, 4], num_inference_steps=3)
+    assert samples.wen_per_step.shape == (2, 3)
+    assert torch.allclose(samples.wen_scores, samples.wen_per_step.mean(dim=1))
+    # The first step, recomputed by hand: conditional minus unconditional noise prediction on the initial noise.
+    backend.scheduler.set_timesteps(3)
+    t = backend.scheduler.timesteps[0]
+    x = initial_noise(backend, [3, 4]) * backend.scheduler.init_noise_sigma
+    with torch.no_grad():
+        cond = backend.unet(x, t, embeddings).sample
+        uncond = backend.unet(x, t, backend.empty_embedding().expand_as(embeddings)).sample
+    assert torch.allclose(samples.wen_per_step[:, 0], (cond - uncond).flatten(1).norm(dim=1), rtol=1e-4)
+    assert not torch.allclose(samples.wen_per_step[:, 0], samples.wen_per_step[:, 1])
+
+
 def test_sscd_loads_lazily_and_scores(backend):
     images = torch.rand(2, 3, 16, 16)
     scores = backend.replication_score(images, images[:1])
