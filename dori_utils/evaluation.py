@@ -15,9 +15,13 @@ class ItemEvaluation:
     ids: list[str]
     images: torch.Tensor  # items x seeds x 3 x H x W
     scores: torch.Tensor  # items x seeds: replication score against the item's own references
-    wen: torch.Tensor  # items x seeds: Wen et al.'s detector
-    wen_per_step: torch.Tensor  # items x seeds x steps
+    wen_per_step: torch.Tensor  # items x seeds x steps: the norms behind Wen et al.'s detector
     threshold: float
+
+    @property
+    def wen(self) -> torch.Tensor:
+        """items x seeds: Wen et al.'s score, the mean over sampling steps."""
+        return self.wen_per_step.mean(dim=-1)
 
     @property
     def mr(self) -> float:
@@ -46,7 +50,7 @@ def evaluate_items(backend, seeds: list[int], embeddings: torch.Tensor | None = 
     images = samples.images.view(len(items), len(seeds), *samples.images.shape[1:])
     scores = torch.stack([best_reference_score(backend.replication_score, images[i], item.references)
                           for i, item in enumerate(items)])
-    return ItemEvaluation([item.id for item in items], images, scores, samples.wen_scores.view(len(items), len(seeds)),
+    return ItemEvaluation([item.id for item in items], images, scores,
                           samples.wen_per_step.view(len(items), len(seeds), -1), backend.replication_threshold)
 
 

@@ -20,8 +20,8 @@ Our choices: the criterion's timestep is the first timestep of the backend's own
 seeds 0..9. The predicted noise comes from the UNet's output through the scheduler's parametrisation: for the
 organism's v-prediction at t = 999, where abar is 2e-9, eps - x_T = sqrt(abar) v up to float rounding, a
 vanishing but exact multiple of the predicted clean image, which the min-max normalisation rescales; a model
-that predicts noise directly would give exactly zero there. On the organism's 32x32 images the MS-SSIM window shrinks to 7 pixels so that the coarsest scale
-(8x8) still holds it.
+that predicts noise directly would give exactly zero there. On the organism's 32x32 images the MS-SSIM window
+shrinks to 7 pixels so that the coarsest scale (8x8) still holds it.
 """
 from __future__ import annotations
 

@@ -43,4 +43,3 @@ def predicted_noise(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t:
         return model_output
     a = _abar(scheduler, t, x_t)
     return a.sqrt() * model_output + (1 - a).sqrt() * x_t
-

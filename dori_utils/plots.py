@@ -1,6 +1,8 @@
 """Figures for the chapters: labelled image grids and comparisons, in the Okabe-Ito colour-blind-safe palette."""
 from __future__ import annotations
 
+import inspect
+
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -22,13 +24,12 @@ def to_numpy_image(image) -> np.ndarray:
 def horizontal_boxplot(ax, values: list, labels: list[str], **kwargs):
     """Box plots lying along the x axis, one per label, from the bottom up. Matplotlib 3.10 replaced
     ``vert=False`` with ``orientation="horizontal"`` and 3.11 warns about the old name; Colab may have either."""
-    import inspect
-
     lying = ({"orientation": "horizontal"} if "orientation" in inspect.signature(ax.boxplot).parameters
              else {"vert": False})
     result = ax.boxplot(values, **lying, **kwargs)
     ax.set_yticks(range(1, len(labels) + 1), labels)
     return result
+
 
 def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
                title: str | None = None, cell: float = 1.3, captions: list[list[str]] | None = None):

@@ -20,12 +20,15 @@ from tqdm import tqdm
 @dataclass
 class Samples:
     images: torch.Tensor  # N x 3 x H x W in [0, 1], on the CPU
-    # N: Wen et al.'s score, the mean over steps of ||out(x_t, c) - out(x_t, empty)||_2 where out is the UNet's own
-    # prediction: the noise for SD, as in Wen et al.; the velocity for the organism, whose noise prediction's
-    # text-conditional part, sqrt(abar) (v_c - v_empty), vanishes at the zero-SNR first step.
-    wen_scores: torch.Tensor
-    # N x steps: the same norm at each sampling step (``wen_scores`` is its mean), to see where the detector separates.
+    # N x steps: ||out(x_t, c) - out(x_t, empty)||_2 at each sampling step, where out is the UNet's own prediction:
+    # the noise for SD, as in Wen et al.; the velocity for the organism, whose noise prediction's text-conditional
+    # part, sqrt(abar) (v_c - v_empty), vanishes at the zero-SNR first step.
     wen_per_step: torch.Tensor
+
+    @property
+    def wen_scores(self) -> torch.Tensor:
+        """N: Wen et al.'s score, the mean of the per-step norms over the sampling steps."""
+        return self.wen_per_step.mean(dim=1)
 
 
 def initial_noise(backend, seeds: list[int]) -> torch.Tensor:
@@ -85,8 +88,7 @@ def generate(
             x = scheduler.step(guided, t, x).prev_sample
         images.append(backend.to_image_space(x).float().cpu())
         wen.append(torch.stack(norms, dim=1).cpu())
-    per_step = torch.cat(wen)
-    return Samples(torch.cat(images), per_step.mean(dim=1), per_step)
+    return Samples(torch.cat(images), torch.cat(wen))
 
 
 def generate_for_prompts(backend, prompts: list[str], seeds: list[int], **kwargs) -> Samples:
