@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dori_utils import hooks, nemo, wanda
+from dori_utils.metrics import median_score
 from dori_utils.sampling import initial_noise
 
 
@@ -163,7 +164,7 @@ def collect_triggers(backend, items, row_context, n_random: int, start_prompts: 
     found = dori_attack(backend, targets, starts, steps=steps, seed=seed, row_context=per_run, progress=progress)
     evaluation = evaluate_items(backend, list(seeds), found.embeddings, items=[items[i] for i in owner.tolist()],
                                 row_context=per_run)
-    median = evaluation.scores.median(dim=1).values
+    median = median_score(evaluation.scores)
     return TriggerSet(
         item_ids=[items[i].id for i in owner.tolist()],
         start_kinds=kinds * len(items),
@@ -179,17 +180,25 @@ def trigger_distances(triggers: TriggerSet, prompt_embeddings: dict[str, torch.T
     """The distance distributions behind the "spread" claim.
 
     Successful triggers only; an item with fewer than two successful triggers contributes all its attack
-    results to the same-image distances instead (so the figure still shows where the attack ended).
+    results to the same-image distances instead (so the figure still shows where the attack ended). The random
+    starts of one image are the baseline: N(0, s^2 I) draws in L x D dimensions lie about s * sqrt(2 L D) apart
+    before any attack step, so triggers that sit as far apart as their starts inherited their spread.
     """
     ids = sorted(set(triggers.item_ids), key=triggers.item_ids.index)
-    same = []
+    same, starts = [], []
     for item_id in ids:
         found = triggers.of(item_id) if len(triggers.of(item_id)) > 1 else triggers.of(item_id, successful_only=False)
         if len(found) > 1:
             same.append(pairwise_distances(found))
+        random = [i for i, (x, kind) in enumerate(zip(triggers.item_ids, triggers.start_kinds))
+                  if x == item_id and kind == "random"]
+        if len(random) > 1:
+            starts.append(pairwise_distances(triggers.initial[random]))
     ok = triggers.replicates if triggers.replicates.any() else torch.ones_like(triggers.replicates)
     to_start = (triggers.triggers - triggers.initial).flatten(1).norm(dim=1)[ok]
     to_prompt = torch.stack([(t - prompt_embeddings[i].cpu()).norm() for t, i, k in
                              zip(triggers.triggers, triggers.item_ids, ok) if k])
-    return {"triggers of the same image": torch.cat(same), "two non-memorized prompts": pairwise_distances(unrelated),
+    return {"triggers of the same image": torch.cat(same),
+            "random starts of the same image": torch.cat(starts) if starts else torch.empty(0),
+            "two non-memorized prompts": pairwise_distances(unrelated),
             "trigger to its start": to_start, "trigger to its memorized prompt": to_prompt}

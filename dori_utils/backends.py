@@ -11,7 +11,7 @@ A :class:`Backend` bundles what every method in the book needs, whatever the mod
 - ``memorized``: the memorized items (id, prompt, kind VM/TM, reference images) and ``prompt_sets`` of
   non-memorized prompts;
 - ``embedding_spread``: the per-dimension standard deviation of prompt embeddings, which scales the attack's
-  learning rate and its random initialisations (about 1 for CLIP, about 0.45 for MiniLM).
+  learning rate and its random initialisations (about 1 for CLIP, about 0.4 for MiniLM).
 """
 from __future__ import annotations
 

@@ -22,8 +22,15 @@ def modules_by_name(model: torch.nn.Module, names) -> dict[str, torch.nn.Module]
 
 
 def layer_names(unet: torch.nn.Module, suffix: str, blocks: tuple[str, ...] = ("down_blocks", "mid_block", "up_blocks")) -> list[str]:
-    """Names of modules ending in `suffix` (e.g. ``attn2.to_v``) inside the given UNet blocks, in forward order."""
-    return [n for n, _ in unet.named_modules() if n.endswith(suffix) and n.split(".", 1)[0] in blocks]
+    """Names of modules ending in `suffix` (e.g. ``attn2.to_v``) inside the given UNet blocks, in forward order:
+    down blocks, then the mid block, then the up blocks (diffusers registers the up blocks before the mid block,
+    so registration order is not forward order)."""
+    forward = ("down_blocks", "mid_block", "up_blocks")
+    unknown = [b for b in blocks if b not in forward]
+    if unknown:
+        raise ValueError(f"unknown UNet block group(s) {unknown}; choose from {forward}")
+    names = [n for n, _ in unet.named_modules() if n.endswith(suffix)]
+    return [n for group in forward if group in blocks for n in names if n.split(".", 1)[0] == group]
 
 
 @contextlib.contextmanager

@@ -6,8 +6,10 @@
   ImageNet mean/std normalisation; cosine similarity of the L2-normalised descriptors; > 0.7 is a
   replication), as NeMo and the Dori paper use.
 - MR: the share of memorized items that are replicated; an item counts as replicated when the *median*
-  score over its generations (seeds) exceeds the threshold. The paper does not say whether MR is per image
-  or per generation; this is our choice.
+  score over its generations (seeds) exceeds the threshold. The median is the ordinary one (numpy's: with an
+  even number of seeds, the mean of the two middle scores), so with two seeds an item counts when the mean of
+  its two scores exceeds the threshold. The paper does not say whether MR is per image or per generation; this
+  is our choice.
 """
 from __future__ import annotations
 
@@ -101,8 +103,16 @@ def memorization_rate(scores: torch.Tensor, threshold: float) -> float:
     """MR from an items x seeds score matrix: share of items whose median score exceeds the threshold."""
     if scores.ndim != 2:
         raise ValueError(f"scores must be items x seeds, got shape {tuple(scores.shape)}")
-    replicated = (scores.median(dim=1).values > threshold).sum().item()
+    if scores.shape[0] == 0 or scores.shape[1] == 0:
+        raise ValueError(f"scores must hold at least one item and one seed, got shape {tuple(scores.shape)}")
+    replicated = (median_score(scores) > threshold).sum().item()
     return replicated / len(scores)
+
+
+def median_score(scores: torch.Tensor) -> torch.Tensor:
+    """Per item, the median score over its seeds (items x seeds -> items). ``torch.median`` returns the lower of
+    the two middle values, which would count an item with two seeds as replicated only when both replicate."""
+    return scores.float().quantile(0.5, dim=1)
 
 
 def roc_auc(positive_scores, negative_scores) -> float:

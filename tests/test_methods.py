@@ -197,10 +197,8 @@ def _planted_backend(planted, prediction_type="epsilon"):
     )
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_nemo_finds_planted_neurons(prediction_type):
-    planted = [2, 7, 9]
-    backend = _planted_backend(planted, prediction_type)
+def _planted_statistics(backend, planted):
+    """Statistics over ordinary embeddings, and an embedding that drives exactly the planted channels."""
     generator = torch.Generator().manual_seed(0)
     ordinary = torch.randn(200, 4, 8, generator=generator) * 0.1
     layer = nemo.value_layers(backend.unet)[0]
@@ -208,13 +206,105 @@ def test_nemo_finds_planted_neurons(prediction_type):
     memorized = torch.linalg.pinv(to_v.weight)[:, planted].sum(1).expand(1, 4, 8) * 3
     activations = nemo.value_activations(backend, ordinary)
     statistics = nemo.ActivationStatistics({layer: activations[layer].mean(0)}, {layer: activations[layer].std(0)})
+    return layer, memorized, statistics
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_nemo_finds_planted_neurons(prediction_type):
+    planted = [2, 7, 9]
+    backend = _planted_backend(planted, prediction_type)
+    layer, memorized, statistics = _planted_statistics(backend, planted)
     threshold = 0.5
-    assert nemo.memorization_score(backend, memorized) > 0.9
-    assert nemo.memorization_score(backend, memorized, blocked={layer: planted}) < threshold
+    detection = nemo.detect(backend, memorized, threshold)
+    assert detection.memorized and detection.kept == list(range(10)) and detection.score > 0.9
+    assert nemo.blocking_score(backend, memorized, detection, {layer: planted}) < threshold
     result = nemo.localize(backend, memorized, statistics, threshold)
     assert result.memorized
     assert result.neurons == {layer: planted}
     assert result.refined_score < threshold
+
+
+class _PlantedSwitch(_PlantedValue):
+    """Blocking the planted channels switches the first-step prediction from one fixed pattern to another: the
+    prediction changes, yet it stays identical across seeds."""
+
+    def forward(self, x, t, cond):
+        value = self.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v(cond)
+        gate = (value[..., self.planted].abs().mean(dim=(1, 2)) > 1e-3).float().view(-1, 1, 1, 1)
+        other = self.pattern.transpose(-1, -2)
+        return SimpleNamespace(sample=x + 20 * (gate * self.pattern + (1 - gate) * other))
+
+
+def test_nemo_blocking_test_compares_blocked_with_unblocked_not_seeds_with_each_other():
+    planted = [2, 7, 9]
+    backend = _planted_backend(planted)
+    backend.unet = _PlantedSwitch(planted, "epsilon").requires_grad_(False)
+    layer, memorized, statistics = _planted_statistics(backend, planted)
+    threshold = 0.5
+    detection = nemo.detect(backend, memorized, threshold)
+    assert detection.memorized
+    with nemo.block(backend, {layer: planted}):
+        blocked = nemo.noise_differences(backend, memorized)
+    # the old test (seeds against each other on the blocked model) would call this blocking a failure ...
+    assert nemo.max_ms_ssim_per_seed(blocked).max() > 0.99
+    # ... NeMo's test sees that blocking changed the prediction
+    assert nemo.blocking_score(backend, memorized, detection, {layer: planted}) < threshold
+    result = nemo.localize(backend, memorized, statistics, threshold)
+    assert result.neurons == {layer: planted} and result.refined_score < threshold
+
+
+class _SignGatedSeeds(_PlantedValue):
+    """Seeds whose initial noise has a positive mean predict one fixed pattern (memorized); the others a
+    seed-dependent one."""
+
+    def forward(self, x, t, cond):
+        positive = (x.mean(dim=(1, 2, 3)) > 0).float().view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=x + positive * 20 * self.pattern + (1 - positive) * 3 * x.flip(-1))
+
+
+def test_nemo_detection_keeps_only_the_seeds_that_resemble_another_seed():
+    from dori_utils.sampling import initial_noise
+
+    backend = _planted_backend([0])
+    backend.unet = _SignGatedSeeds([0], "epsilon").requires_grad_(False)
+    seeds = list(range(10))
+    expected = [s for s, x in zip(seeds, initial_noise(backend, seeds)) if x.mean() > 0]
+    assert 2 <= len(expected) < len(seeds)
+    detection = nemo.detect(backend, torch.zeros(1, 4, 8), 0.5, seeds)
+    assert detection.kept == expected and len(detection.diffs) == len(expected)
+    with pytest.raises(ValueError, match="at least two seeds"):
+        nemo.detect(backend, torch.zeros(1, 4, 8), 0.5, [0])
+
+
+def test_nemo_selection_stops_before_theta_one_and_keeps_its_last_score():
+    planted = [2, 7, 9]
+    backend = _planted_backend(planted)
+    layer, memorized, statistics = _planted_statistics(backend, planted)
+    # blocking can never pass a threshold this low: every selection is tried, then the last score is kept
+    result = nemo.localize(backend, memorized, statistics, threshold=0.05)
+    thetas = [label.split(",")[0] for label, _ in result.trace]
+    assert thetas[0] == "theta=5.00" and thetas[-1] == "theta=1.25" and len(thetas) == 16
+    assert result.refinement_threshold == result.trace[-1][1] > 0.05
+
+
+def test_nemo_threshold_is_mean_plus_std_of_all_pairwise_values(tiny_backend):
+    prompts = tiny_backend.prompt_sets["nonmemorized"][:3]
+    threshold, values = nemo.calibrate_threshold(tiny_backend, prompts)
+    assert values.shape == (3, 45)
+    assert threshold == pytest.approx((values.mean() + values.std()).item())
+    with pytest.raises(ValueError, match="at least one"):
+        nemo.calibrate_threshold(tiny_backend, [])
+
+
+def test_detection_timestep_matches_sd_signal_level():
+    from diffusers import DDIMScheduler as Scheduler
+
+    sd = SimpleNamespace(scheduler=Scheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"))
+    assert nemo.detection_timestep(sd) == 961
+    organism = SimpleNamespace(scheduler=build_sampling_scheduler())
+    timestep = nemo.detection_timestep(organism)
+    assert 940 <= timestep <= 950
+    assert organism.scheduler.alphas_cumprod[timestep] == pytest.approx(nemo.sd_alpha_bar(961), rel=0.05)
 
 
 def test_ms_ssim_is_one_for_identical_inputs_and_lower_otherwise():
@@ -267,13 +357,14 @@ def test_channels_touched_pairs_layers_of_the_same_transformer_block():
 
 def test_mitigate_items_cached_shares_one_run_and_recomputes_for_another(tiny_backend, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(nemo, "mitigate_items", lambda backend, items, n_s, n_c, progress=False: calls.append(n_s) or n_s)
+    monkeypatch.setattr(nemo, "mitigate_items", lambda backend, items, n_s, n_c, **options: calls.append(n_s) or n_s)
     path = tmp_path / "nemo.pt"
     items = tiny_backend.memorized[:2]
     assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8
     assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8 and calls == [8]
     assert nemo.mitigate_items_cached(tiny_backend, items[:1], path, 8, 4) == 8 and len(calls) == 2
     assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4) == 16 and len(calls) == 3
+    assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4, timestep=900) == 16 and len(calls) == 4
     assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
 
 
@@ -291,3 +382,40 @@ def test_cross_item_blocking_generates_each_distinct_selection_once(tiny_backend
     assert scores.shape == (3, 3) and torch.equal(scores[0], scores[1])
     alone = nemo.cross_item_blocking(tiny_backend, items, [selections[2]] * 3)
     assert torch.allclose(alone[0], scores[2])
+
+
+def test_layer_names_are_in_forward_order(tiny_backend):
+    names = hooks.layer_names(tiny_backend.unet, "attn2.to_v")
+    groups = [n.split(".", 1)[0] for n in names]
+    assert groups == sorted(groups, key=["down_blocks", "mid_block", "up_blocks"].index)
+    assert set(groups) == {"down_blocks", "mid_block", "up_blocks"}
+    with pytest.raises(ValueError, match="unknown UNet block"):
+        hooks.layer_names(tiny_backend.unet, "attn2.to_v", blocks=("middle",))
+
+
+def test_trigger_distances_compare_triggers_with_their_random_starts():
+    from dori_utils import analysis
+
+    generator = torch.Generator().manual_seed(0)
+    initial = torch.randn(6, 2, 3, generator=generator)
+    triggers = analysis.TriggerSet(
+        item_ids=["a"] * 3 + ["b"] * 3, start_kinds=["random", "random", "non-memorized prompt"] * 2,
+        initial=initial, triggers=initial + 0.1, scores=torch.ones(6), replicates=torch.ones(6, dtype=torch.bool))
+    distances = analysis.trigger_distances(triggers, {"a": torch.zeros(2, 3), "b": torch.zeros(2, 3)}, initial[:3])
+    expected = torch.stack([(initial[0] - initial[1]).norm(), (initial[3] - initial[4]).norm()])
+    assert torch.allclose(distances["random starts of the same image"], expected)
+    assert len(distances["triggers of the same image"]) == 6  # 3 pairs per item, prompt starts included
+    assert torch.allclose(distances["trigger to its start"], torch.full((6,), 0.1 * 6**0.5))
+
+
+def test_detection_by_timestep_reports_each_timestep(tiny_backend):
+    prompts = tiny_backend.prompt_sets["nonmemorized"]
+    embeddings = tiny_backend.encode_prompts(prompts[:6])
+    memorized = tiny_backend.encode_prompts([item.prompt for item in tiny_backend.memorized[:2]])
+    rows = nemo.detection_by_timestep(tiny_backend, memorized, embeddings[:3], embeddings[3:], [999, 944], seeds=range(4))
+    assert [row["timestep"] for row in rows] == [999, 944]
+    assert rows[1]["alpha_bar"] > rows[0]["alpha_bar"]
+    for row in rows:
+        assert 0 <= row["memorized flagged"] <= 1 and 0 <= row["ordinary flagged"] <= 1 and 0 <= row["AUC"] <= 1
+        threshold, _ = nemo.calibrate_threshold(tiny_backend, embeddings[3:], range(4), row["timestep"])
+        assert row["threshold"] == pytest.approx(threshold)

@@ -20,6 +20,15 @@ def test_memorization_rate_uses_the_median_over_seeds():
     assert metrics.memorization_rate(scores, 0.7) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="items x seeds"):
         metrics.memorization_rate(torch.rand(3), 0.7)
+    with pytest.raises(ValueError, match="at least one item"):
+        metrics.memorization_rate(torch.empty(0, 2), 0.7)
+
+
+def test_memorization_rate_with_two_seeds_takes_the_mean_of_both():
+    # torch.median would take the lower score (0.65) and call the first item not replicated
+    scores = torch.tensor([[0.80, 0.65], [0.72, 0.60], [0.10, 0.95]])
+    assert metrics.median_score(scores).tolist() == pytest.approx([0.725, 0.66, 0.525])
+    assert metrics.memorization_rate(scores, 0.7) == pytest.approx(1 / 3)
 
 
 def test_roc_auc_separates_perfectly_ordered_scores():

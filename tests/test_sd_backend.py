@@ -210,7 +210,8 @@ def test_the_books_methods_run_unchanged_on_the_sd_backend(backend):
     from dori_utils.evaluation import evaluate_items
 
     items = backend.memorized[:2]
-    statistics, threshold, localized = nemo.mitigate_items(backend, items, n_statistics=4, n_calibration=4)
+    statistics, threshold, localized = nemo.mitigate_items(backend, items, n_statistics=4, n_calibration=4,
+                                                           statistics="recompute")
     assert len(localized) == 2 and threshold > 0
     masks = wanda.find_weights(backend, backend.encode_prompts([i.prompt for i in items]), union_steps=2,
                                num_inference_steps=4)
@@ -224,3 +225,25 @@ def test_the_books_methods_run_unchanged_on_the_sd_backend(backend):
     assert evaluation.scores.shape == (2, 1)
     activations = analysis.layer_activations(backend, found.embeddings, "nemo")
     assert list(activations) == nemo.value_layers(backend.unet)
+
+
+def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths(backend, tmp_path):
+    """NeMo ships (means, stds), one tensor per value layer in its order; the tiny UNet has two such layers."""
+    from dori_utils import nemo
+
+    layers = nemo.value_layers(backend.unet)
+    widths = [backend.unet.get_submodule(n).out_features for n in layers]
+    means, stds = [torch.rand(w) for w in widths], [torch.rand(w) + 0.5 for w in widths]
+    path = tmp_path / "statistics.pt"
+    torch.save((means, stds), path)
+    statistics = nemo.published_statistics(backend, path)
+    assert list(statistics.mean) == layers and torch.equal(statistics.std[layers[-1]], stds[-1])
+    torch.save(([torch.rand(320)] * len(widths), [torch.rand(320)] * len(widths)), path)
+    with pytest.raises(ValueError, match="recompute the statistics"):
+        nemo.published_statistics(backend, path)
+    path.write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a NeMo statistics file"):
+        nemo.published_statistics(backend, path)
+    assert nemo.default_statistics_source(backend) == "published"
+    with pytest.raises(ValueError, match="statistics must be one of"):
+        nemo.mitigate_items(backend, [], statistics="laion")
