@@ -66,11 +66,21 @@ def dori_attack(
         raise ValueError(f"init must be N x {backend.embedding_shape[0]} x {backend.embedding_shape[1]}, got {tuple(init.shape)}")
     if len(targets) != len(init):
         raise ValueError(f"need one target image per embedding: {len(targets)} targets, {len(init)} embeddings")
+    if len(init) == 0:
+        raise ValueError("no embeddings to attack: init is empty")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if not torch.isfinite(init).all():
+        raise ValueError("init holds NaN or infinite values: check the embeddings it came from")
     lr = backend.attack_learning_rate if learning_rate is None else learning_rate
     chunk_size = chunk_size or (64 if backend.device.type == "cuda" else 5)
     device, dtype = backend.device, backend.dtype
     with torch.no_grad():
         x0 = torch.cat([backend.to_model_space(targets[i : i + chunk_size].to(device)) for i in range(0, len(targets), chunk_size)])
+    if tuple(x0.shape[1:]) != tuple(backend.latent_shape):
+        raise ValueError(f"targets of shape {tuple(targets.shape[1:])} become {tuple(x0.shape[1:])} in model space, but "
+                         f"the UNet denoises {tuple(backend.latent_shape)}: resize the target images to the model's "
+                         "image size")
     embedding = init.detach().clone().to(device, torch.float32).requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
     scheduler = backend.scheduler

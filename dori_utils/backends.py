@@ -97,6 +97,10 @@ def load_backend(name: str = "organism", device: str | torch.device | None = Non
     ``vm_only`` for both (default True: verbatim-memorized items only); ``max_items`` for SD.
     """
     device = torch.device(device) if device is not None else default_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"device={str(device)!r}, but torch sees no CUDA GPU here. Pass device=None (or DEVICE = None "
+                           "in a chapter) to use the GPU when there is one and the CPU otherwise; on Colab, choose a GPU "
+                           "runtime (Runtime > Change runtime type).")
     dtype = dtype or torch.float32
     if name == "organism":
         return load_organism(device=device, dtype=dtype, **options)
@@ -160,6 +164,8 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
     tokenizer, encoder = load_text_encoder(device)
 
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        if len(prompts) == 0:
+            raise ValueError("encode_prompts needs at least one prompt")
         return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
 
     memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))

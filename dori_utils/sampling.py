@@ -63,7 +63,13 @@ def generate(
                          f"got {tuple(embeddings.shape)}")
     if len(seeds) != len(embeddings):
         raise ValueError(f"need one seed per embedding: {len(seeds)} seeds for {len(embeddings)} embeddings")
-    steps = num_inference_steps or backend.num_inference_steps
+    if len(embeddings) == 0:
+        raise ValueError("no embeddings to generate from")
+    if not torch.isfinite(embeddings).all():
+        raise ValueError("embeddings hold NaN or infinite values: check the prompts or the attack they came from")
+    steps = backend.num_inference_steps if num_inference_steps is None else num_inference_steps
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
     guidance = backend.guidance_scale if guidance_scale is None else guidance_scale
     empty = backend.empty_embedding()
     images, wen = [], []

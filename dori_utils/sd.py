@@ -147,6 +147,8 @@ def load_stable_diffusion(
 
     @torch.no_grad()
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        if len(prompts) == 0:
+            raise ValueError("encode_prompts needs at least one prompt")
         tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
         return text_encoder(tokens.input_ids.to(device)).last_hidden_state.to(dtype)

@@ -126,6 +126,28 @@ def test_attack_rejects_a_wrong_shape(tiny_backend):
         attack.dori_attack(tiny_backend, tiny_backend.memorized[0].references, torch.zeros(1, 77, 768))
 
 
+def test_attack_and_sampling_reject_bad_input_at_the_call(tiny_backend):
+    from dori_utils.sampling import generate
+
+    target = tiny_backend.memorized[0].references[:1]
+    start = tiny_backend.encode_prompts([tiny_backend.memorized[0].prompt])
+    with pytest.raises(ValueError, match="resize the target images"):
+        attack.dori_attack(tiny_backend, torch.rand(1, 3, 64, 64), start, steps=1)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        attack.dori_attack(tiny_backend, target, torch.full_like(start, float("nan")), steps=1)
+    for steps in (0, -3):
+        with pytest.raises(ValueError, match="steps must be at least 1"):
+            attack.dori_attack(tiny_backend, target, start, steps=steps)
+    with pytest.raises(ValueError, match="num_inference_steps must be at least 1"):
+        generate(tiny_backend, start, [0], num_inference_steps=0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        generate(tiny_backend, start * float("nan"), [0])
+    with pytest.raises(ValueError, match="no embeddings"):
+        generate(tiny_backend, start[:0], [])
+    with pytest.raises(ValueError, match="at least one prompt"):
+        tiny_backend.encode_prompts([])
+
+
 def test_wanda_masks_respect_sparsity_and_pruning_restores_weights(tiny_backend):
     prompts = [m.prompt for m in tiny_backend.memorized[:3]]
     masks = wanda.find_weights(tiny_backend, tiny_backend.encode_prompts(prompts), sparsity=0.1, union_steps=2)

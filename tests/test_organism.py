@@ -84,3 +84,9 @@ def test_missing_and_corrupt_checkpoints_say_what_to_do(tmp_path, tiny_organism_
 def test_unknown_backend_lists_the_choices():
     with pytest.raises(BackendError, match="organism"):
         load_backend("sd-v9")
+
+
+def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(BackendError, match="no CUDA GPU"):
+        load_backend("organism", device="cuda")

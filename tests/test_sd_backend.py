@@ -247,3 +247,8 @@ def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths
     assert nemo.default_statistics_source(backend) == "published"
     with pytest.raises(ValueError, match="statistics must be one of"):
         nemo.mitigate_items(backend, [], statistics="laion")
+
+
+def test_sd_encode_prompts_rejects_an_empty_list(backend):
+    with pytest.raises(ValueError, match="at least one prompt"):
+        backend.encode_prompts([])
