@@ -1,3 +1,4 @@
+import csv
 import json
 
 import numpy as np
@@ -84,6 +85,21 @@ def test_missing_and_corrupt_checkpoints_say_what_to_do(tmp_path, tiny_organism_
 def test_unknown_backend_lists_the_choices():
     with pytest.raises(BackendError, match="organism"):
         load_backend("sd-v9")
+
+
+def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path):
+    from dori_utils import pilots
+
+    row = pilots.measure(tiny_organism_dir, n_heldout=4, n_attacked=1, attack_steps=2, max_items=2,
+                         num_inference_steps=2, progress=False)
+    assert 0 <= row["mr"] <= 1 and row["nemo_threshold"] > 0 and row["value_neurons"] > 0
+    assert 0 <= row["nemo_flagged"] <= 2 and 0 <= row["wanda1_dori_mr"] <= 1
+    table = tmp_path / "pilots.csv"
+    pilots.append_row({"name": "control", "mr": "0.9"}, table)
+    pilots.append_row({"name": "later", "new_measurement": "1"}, table)
+    rows = list(csv.DictReader(table.open()))
+    assert [r["name"] for r in rows] == ["control", "later"]
+    assert rows[0]["mr"] == "0.9" and rows[0]["new_measurement"] == "" and rows[1]["mr"] == ""
 
 
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(monkeypatch):

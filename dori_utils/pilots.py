@@ -1,0 +1,153 @@
+"""Pilot organisms: train one configuration, then measure whether pruning looks like a fix on it.
+
+``python -m dori_utils.pilots --name no-up-cross-attention`` trains the named configuration (one lever against the
+shipped organism's recipe, see ``PILOTS``) into ``--out`` and measures it; ``--measure-only DIR`` measures a
+checkpoint that is already there. Each run appends one row to ``results/organism/pilots.csv``: the configuration,
+the steps, the numbers below and the time, failures included.
+
+What a row measures, on the verbatim items (evaluation seeds 10 and 11, as chapter 1):
+
+- MR unmitigated; attribute accuracy and the highest replication score of held-out scene captions;
+- z-order blocking: the share of NeMo's value neurons that must be blocked, in |z| order, before a photograph
+  stops replicating (first seed; median and range over the replicating items);
+- NeMo as its authors run it: items flagged, neurons selected per flagged item (median), MR under each item's
+  own neurons;
+- Wanda at 1%: MR and attribute accuracy under the mask;
+- Dori, 50 steps from the prompt, on the first three items under NeMo and under Wanda 1%: MR.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dori_utils import attack, nemo, wanda
+from dori_utils.backends import load_backend
+from dori_utils.evaluation import evaluate_items, score_against_all_references
+from dori_utils.organism.train import TrainConfig, train_organism
+from dori_utils.results import REPOSITORY_ROOT
+
+EVAL_SEEDS = [10, 11]
+PILOT_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilots.csv"
+
+# One lever each, against the shipped recipe ("control"); the issue lists them most promising first.
+PILOTS = {
+    "control": {},
+    # Text reaches the image only through NeMo's layers (down and mid blocks).
+    "no-up-cross-attention": {"unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
+    # Closer to SD, whose NeMo neurons sit mostly in its first, highest-resolution cross-attention: text at 16 x 16.
+    "cross-attention-16": {"unet_overrides": {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}},
+    # Memorization closer to LAION's rarity: 25 copies per photograph instead of 80.
+    "copies-25": {"copies_per_photo": 25},
+}
+
+
+def _attribute_accuracy(images: torch.Tensor, captions: list[str]) -> float:
+    from dori_utils.organism.attributes import attribute_accuracy
+
+    return attribute_accuracy(images.permute(0, 2, 3, 1).numpy(), captions)["overall"]
+
+
+def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_steps: int = 50,
+            max_items: int | None = None, num_inference_steps: int | None = None, progress: bool = True) -> dict:
+    """The pilot numbers of one organism checkpoint (about 4 minutes on 2 CPU cores); ``max_items`` and
+    ``num_inference_steps`` shrink it for tests."""
+    from dori_utils.sampling import generate_for_prompts
+
+    backend = load_backend("organism", device="cpu", path=path)
+    backend.num_inference_steps = num_inference_steps or backend.num_inference_steps
+    items = backend.memorized[:max_items]
+    embeddings = backend.encode_prompts([item.prompt for item in items])
+    row = {}
+    unmitigated = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items)
+    row["mr"] = unmitigated.mr
+    pool = backend.prompt_sets["heldout_ordinary"]
+    heldout = list(np.random.default_rng(2).choice(pool, min(n_heldout, len(pool)), replace=False))
+    images = generate_for_prompts(backend, heldout, [0] * len(heldout)).images
+    row["attribute_accuracy"] = _attribute_accuracy(images, heldout)
+    row["heldout_max_score"] = score_against_all_references(backend, images)[0].max().item()
+
+    statistics, threshold, localized = nemo.mitigate_items(backend, items, progress=progress)
+    n_value = sum(len(m) for m in statistics.mean.values())
+    needed = [k for k, _ in nemo.neurons_needed(backend, items, statistics, seeds=EVAL_SEEDS[:1]) if k > 0]
+    row["zorder_share_median"] = float(np.median(needed)) / n_value if needed else None
+    row["zorder_share_min"] = min(needed) / n_value if needed else None
+    row["zorder_share_max"] = max(needed) / n_value if needed else None
+    flagged = [r for r in localized if r.memorized]
+    row["nemo_threshold"] = threshold
+    row["nemo_flagged"] = len(flagged)
+    row["nemo_share_median"] = float(np.median([r.count for r in flagged])) / n_value if flagged else None
+    blocking = nemo.per_item_blocking(backend, localized)
+    row["nemo_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items, row_context=blocking).mr
+
+    masks = wanda.find_weights(backend, embeddings, sparsity=0.01, union_steps=min(10, backend.num_inference_steps))
+    with wanda.prune(backend, masks):
+        row["wanda1_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items).mr
+        row["wanda1_attribute_accuracy"] = _attribute_accuracy(
+            generate_for_prompts(backend, heldout, [0] * len(heldout)).images, heldout)
+
+    attacked = items[:n_attacked]
+    targets = torch.cat([item.references[:1] for item in attacked])
+    # the attack's rows index the first items, so each is attacked under its own NeMo neurons
+    found = attack.dori_attack(backend, targets, embeddings[:n_attacked], steps=attack_steps, row_context=blocking)
+    row["nemo_dori_mr"] = evaluate_items(backend, EVAL_SEEDS, found.embeddings, items=attacked, row_context=blocking).mr
+    with wanda.prune(backend, masks):
+        found = attack.dori_attack(backend, targets, embeddings[:n_attacked], steps=attack_steps, seed=2)
+        row["wanda1_dori_mr"] = evaluate_items(backend, EVAL_SEEDS, found.embeddings, items=attacked).mr
+    row["value_neurons"] = n_value
+    return row
+
+
+def append_row(row: dict, table: Path = PILOT_TABLE) -> None:
+    """Append one pilot's row; a new column (a new measurement) rewrites the table with it, older rows blank."""
+    table.parent.mkdir(parents=True, exist_ok=True)
+    rows = list(csv.DictReader(table.open())) if table.exists() else []
+    columns = list(dict.fromkeys([*(rows[0].keys() if rows else []), *row]))
+    with table.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows + [row])
+
+
+def _format(value):
+    return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else value)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True, choices=sorted(PILOTS), help="the configuration (see PILOTS)")
+    parser.add_argument("--steps", type=int, default=3000, help="training steps (the shipped organism: 3000)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=None, help="checkpoint folder (default: pilots/<name> under the results)")
+    parser.add_argument("--measure-only", action="store_true", help="measure the checkpoint in --out, do not train")
+    parser.add_argument("--table", default=str(PILOT_TABLE))
+    args = parser.parse_args(argv)
+    out = Path(args.out or REPOSITORY_ROOT / "results" / "organism" / "pilots" / args.name)
+    config = TrainConfig(steps=args.steps, threads=args.threads, **PILOTS[args.name])
+    started = time.time()
+    if not args.measure_only:
+        train_organism(out, config)
+    elif not (out / "manifest.json").exists():
+        raise SystemExit(f"No organism checkpoint in {out}: train it first (leave out --measure-only).")
+    manifest = json.loads((out / "manifest.json").read_text())
+    trained = time.time() - started
+    torch.set_num_threads(args.threads)
+    measured = measure(out)
+    row = {"name": args.name, "config": json.dumps(PILOTS[args.name]), "steps": manifest.get("trained_steps"),
+           "threads": manifest["train_config"]["threads"],
+           "train_seconds": manifest.get("train_seconds") if args.measure_only else round(trained),
+           **{k: _format(v) for k, v in measured.items()},
+           "measure_seconds": round(time.time() - started - trained)}
+    append_row(row, Path(args.table))
+    print(json.dumps(row, indent=1))
+
+
+if __name__ == "__main__":
+    main()
