@@ -70,7 +70,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     row["mr"] = unmitigated.mr
     pool = backend.prompt_sets["heldout_ordinary"]
     heldout = list(np.random.default_rng(2).choice(pool, min(n_heldout, len(pool)), replace=False))
-    images = generate_for_prompts(backend, heldout, [0] * len(heldout)).images
+    images = generate_for_prompts(backend, heldout, [0]).images
     row["attribute_accuracy"] = _attribute_accuracy(images, heldout)
     row["heldout_max_score"] = score_against_all_references(backend, images)[0].max().item()
 
@@ -91,7 +91,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     with wanda.prune(backend, masks):
         row["wanda1_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items).mr
         row["wanda1_attribute_accuracy"] = _attribute_accuracy(
-            generate_for_prompts(backend, heldout, [0] * len(heldout)).images, heldout)
+            generate_for_prompts(backend, heldout, [0]).images, heldout)
 
     attacked = items[:n_attacked]
     targets = torch.cat([item.references[:1] for item in attacked])

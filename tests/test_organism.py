@@ -87,11 +87,16 @@ def test_unknown_backend_lists_the_choices():
         load_backend("sd-v9")
 
 
-def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path):
+def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path, monkeypatch):
     from dori_utils import pilots
 
+    counts = []
+    original = pilots._attribute_accuracy
+    monkeypatch.setattr(pilots, "_attribute_accuracy",
+                        lambda images, captions: counts.append((len(images), len(captions))) or original(images, captions))
     row = pilots.measure(tiny_organism_dir, n_heldout=4, n_attacked=1, attack_steps=2, max_items=2,
                          num_inference_steps=2, progress=False)
+    assert counts == [(4, 4), (4, 4)]  # one image per held-out caption, unpruned and under Wanda
     assert 0 <= row["mr"] <= 1 and row["nemo_threshold"] > 0 and row["value_neurons"] > 0
     assert 0 <= row["nemo_flagged"] <= 2 and 0 <= row["wanda1_dori_mr"] <= 1
     table = tmp_path / "pilots.csv"
