@@ -444,7 +444,8 @@ def published_statistics(backend, path_or_url: str = NEMO_STATISTICS_URL, cache_
     except Exception as error:
         raise ValueError(f"{path} is not a NeMo statistics file (a torch file holding (means, stds)): {error}") from None
     layers = value_layers(backend.unet)
-    widths = [hooks.modules_by_name(backend.unet, [n])[n].out_features for n in layers]
+    modules = hooks.modules_by_name(backend.unet, layers)
+    widths = [modules[n].out_features for n in layers]
     if [len(m) for m in means] != widths or [len(v) for v in stds] != widths:
         raise ValueError(f"{path} holds statistics for layers of widths {[len(m) for m in means]}, but this UNet's "
                          f"value layers have {widths}: NeMo's file is for SD v1.4 only; recompute the statistics "
