@@ -44,8 +44,16 @@ PILOTS = {
     "cross-attention-16": {"unet_overrides": {
         "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
         "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]}},
+    # Levers 1 and its SD-like variant together: text enters at 16 x 16 in the down path, and only there and in
+    # the mid block (NeMo's layers), so every text path is one that NeMo searches.
+    "cross-attention-16-down-only": {"unet_overrides": {
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["UpBlock2D"] * 4}},
     # Memorization closer to LAION's rarity: 25 copies per photograph instead of 80.
     "copies-25": {"copies_per_photo": 25},
+    # Levers 1 and 2 together: text only through NeMo's layers, and memorization held by fewer copies (40).
+    "no-up-cross-attention-copies-40": {"copies_per_photo": 40,
+                                        "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
 }
 
 
