@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -37,6 +38,49 @@ class ResultLog:
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data, indent=1, default=float))
         tmp.replace(self.path)
+
+    def glue(self) -> list[str]:
+        """Glue every number of this log for the chapter's prose (see :func:`glue_values`)."""
+        return glue_values(json.loads(json.dumps(self.data, default=float)))
+
+
+# myst-nb reads glued values from outputs under this prefix, which Jupyter and Colab do not display.
+GLUE_PREFIX = "application/papermill.record/"
+
+
+def glue_key(path: list[str]) -> str:
+    """The name a value is glued under: its path in the results, each part in lower case with every run of other
+    characters turned into ``_`` ("NeMo + Dori" -> "nemo_dori"), parts joined by dots."""
+    return ".".join(re.sub(r"[^a-z0-9]+", "_", str(part).lower()).strip("_") for part in path)
+
+
+def _scalars(value, path: list[str]):
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            yield from _scalars(inner, [*path, key])
+    elif isinstance(value, (list, tuple)):
+        for index, inner in enumerate(value):
+            yield from _scalars(inner, [*path, str(index)])
+    elif isinstance(value, (bool, int, float, str)) or value is None:
+        yield glue_key(path), value
+
+
+def glue_values(values: dict, prefix: str = "") -> list[str]:
+    """Glue every scalar in ``values`` (nested dicts and lists are walked) so that a chapter's Markdown can quote
+    it: ``{glue:text}`nemo_dori.mr:.2f``` (numbers take a format spec; strings ``:s``). Outside a notebook kernel
+    nothing is displayed; the names are returned either way."""
+    from IPython import get_ipython
+    from IPython.display import display
+
+    names = []
+    for name, value in _scalars(values, [prefix] if prefix else []):
+        names.append(name)
+        if get_ipython() is not None:
+            # a Python literal, which is what myst-nb's format spec is applied to
+            text = repr(float(value)) if isinstance(value, float) else repr(value)
+            display({GLUE_PREFIX + "text/plain": text}, raw=True,
+                    metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
+    return names
 
 
 def cached(path: str | Path, params: dict, compute):
