@@ -84,6 +84,17 @@ class Backend:
         raise KeyError(f"No memorized item {item_id!r}; known: {[m.id for m in self.memorized]}")
 
 
+# Backends whose weights ship with the book: they never need the Hugging Face Hub.
+OFFLINE_BACKENDS = ("organism",)
+
+
+def prepare_environment(name: str) -> None:
+    """Call before loading anything from diffusers or transformers: an offline backend sets ``HF_HUB_OFFLINE=1``
+    (unless the user set it), which huggingface_hub reads once, at import."""
+    if name in OFFLINE_BACKENDS:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
