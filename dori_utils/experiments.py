@@ -41,7 +41,7 @@ def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedC
                          f"{[f.name for f in dataclasses.fields(SharedConfig)]}")
     if "eval_seeds" in overrides:
         overrides["eval_seeds"] = tuple(overrides["eval_seeds"])
-    return dataclasses.replace(SharedConfig(), **(SMOKE_SIZES if smoke else {}), **overrides)
+    return dataclasses.replace(SharedConfig(), **{**(SMOKE_SIZES if smoke else {}), **overrides})
 
 
 def nemo_neurons(backend: Backend, config: SharedConfig, progress: bool = True):
