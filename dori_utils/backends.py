@@ -64,6 +64,12 @@ class Backend:
     device: torch.device
     dtype: torch.dtype
     info: dict = field(default_factory=dict)
+    # What only some models have; a chapter asks the backend, never its name.
+    utility_name: str | None = None  # e.g. "attribute accuracy"
+    utility: Callable[[torch.Tensor, list[str]], float] | None = None  # images N x 3 x H x W in [0, 1], their prompts
+    never_seen_items: Callable[[], list[MemorizedItem]] = list  # images outside the training data: the attack's control
+    template_items: Callable[[], list[MemorizedItem]] = list  # template-memorized (TM) items, all variants as references
+    training_samples: Callable[[], list] | None = None  # the training pairs, where the book has them
     _empty: torch.Tensor | None = None
 
     def empty_embedding(self) -> torch.Tensor:
@@ -141,7 +147,8 @@ def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[
     ]
 
 
-def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True) -> Backend:
+def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,
+                  max_items: int | None = None) -> Backend:
     """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
     folder named by the environment variable ``DORI_ORGANISM_DIR``.
 
@@ -179,7 +186,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
             raise ValueError("encode_prompts needs at least one prompt")
         return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
 
-    memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))
+    memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))[:max_items]
     recipe = manifest["data_recipe"]
     prompt_sets = {
         "heldout_ordinary": recipe["held_out_scene_captions"],
@@ -188,13 +195,14 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         "training_natural": manifest["training_captions"]["natural"],
     }
     prompt_sets["nonmemorized"] = prompt_sets["heldout_ordinary"] + prompt_sets["unseen_natural"]
+    prompt_sets["utility"] = prompt_sets["heldout_ordinary"]  # scene captions, which the attribute checker reads
     # NeMo's statistics come from LAION prompts the model was trained on but did not memorize.
     prompt_sets["statistics"] = prompt_sets["training_ordinary"] + prompt_sets["training_natural"]
     # The spread scales the attack's learning rate and random starts: measure it on the training captions.
     spread_sample = prompt_sets["statistics"][:: max(1, len(prompt_sets["statistics"]) // 256)]
     embedding_spread = round(encode_prompts(spread_sample).float().std().item(), 3)
     size = manifest["image_size"]
-    return Backend(
+    backend = Backend(
         name="organism",
         unet=unet,
         scheduler=scheduler,
@@ -214,7 +222,19 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         device=device,
         dtype=dtype,
         info={"path": str(path), "manifest": manifest, "fingerprint": _file_digest(path / "unet" / "diffusion_pytorch_model.safetensors")},
+        utility_name="attribute accuracy",
+        utility=_attribute_accuracy,
     )
+    backend.never_seen_items = lambda: organism_unseen_items(backend)
+    backend.template_items = lambda: organism_template_items(backend)
+    backend.training_samples = lambda: organism_training_data(backend)
+    return backend
+
+
+def _attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> float:
+    from dori_utils.organism.attributes import attribute_accuracy
+
+    return attribute_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), list(prompts))["overall"]
 
 
 def organism_training_data(backend: Backend):

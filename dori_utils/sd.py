@@ -178,7 +178,7 @@ def load_stable_diffusion(
         replication_metric="SSCD sscd_disc_mixup cosine similarity (images resized to 320x320 without cropping, "
                            "ImageNet mean/std normalisation), max over reference images",
         memorized=[],
-        prompt_sets={"nonmemorized": nonmemorized, "statistics": nonmemorized},
+        prompt_sets={"nonmemorized": nonmemorized, "statistics": nonmemorized, "utility": nonmemorized},
         embedding_shape=(tokenizer.model_max_length, text_encoder.config.hidden_size),
         latent_shape=(unet.config.in_channels, latent_size, latent_size),
         embedding_spread=CLIP_EMBEDDING_SPREAD,
