@@ -57,12 +57,6 @@ PILOTS = {
 }
 
 
-def _attribute_accuracy(images: torch.Tensor, captions: list[str]) -> float:
-    from dori_utils.organism.attributes import attribute_accuracy
-
-    return attribute_accuracy(images.permute(0, 2, 3, 1).numpy(), captions)["overall"]
-
-
 def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_steps: int = 50,
             max_items: int | None = None, num_inference_steps: int | None = None, progress: bool = True) -> dict:
     """The pilot numbers of one organism checkpoint (about 4 minutes on 2 CPU cores); ``max_items`` and
@@ -79,7 +73,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     pool = backend.prompt_sets["heldout_ordinary"]
     heldout = list(np.random.default_rng(2).choice(pool, min(n_heldout, len(pool)), replace=False))
     images = generate_for_prompts(backend, heldout, [0]).images
-    row["attribute_accuracy"] = _attribute_accuracy(images, heldout)
+    row["attribute_accuracy"] = backend.utility(images, heldout)
     row["heldout_max_score"] = score_against_all_references(backend, images)[0].max().item()
 
     statistics, threshold, localized = nemo.mitigate_items(backend, items, progress=progress)
@@ -98,8 +92,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     masks = wanda.find_weights(backend, embeddings, sparsity=0.01, union_steps=min(10, backend.num_inference_steps))
     with wanda.prune(backend, masks):
         row["wanda1_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items).mr
-        row["wanda1_attribute_accuracy"] = _attribute_accuracy(
-            generate_for_prompts(backend, heldout, [0]).images, heldout)
+        row["wanda1_attribute_accuracy"] = backend.utility(generate_for_prompts(backend, heldout, [0]).images, heldout)
 
     attacked = items[:n_attacked]
     targets = torch.cat([item.references[:1] for item in attacked])

@@ -88,11 +88,11 @@ def test_unknown_backend_lists_the_choices():
 
 
 def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path, monkeypatch):
-    from dori_utils import pilots
+    from dori_utils import backends, pilots
 
     counts = []
-    original = pilots._attribute_accuracy
-    monkeypatch.setattr(pilots, "_attribute_accuracy",
+    original = backends._attribute_accuracy  # the organism's utility, bound when measure() loads the checkpoint
+    monkeypatch.setattr(backends, "_attribute_accuracy",
                         lambda images, captions: counts.append((len(images), len(captions))) or original(images, captions))
     row = pilots.measure(tiny_organism_dir, n_heldout=4, n_attacked=1, attack_steps=2, max_items=2,
                          num_inference_steps=2, progress=False)
