@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from dori_utils.results import glue_values
+from dori_utils.results import glue_key, glue_named
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ def number(key: str) -> PaperNumber:
 
 def series(prefix: str) -> list[float]:
     """The values of a per-layer or per-step row, e.g. ``series("iou.Wanda.Y_adv")``."""
-    values = [NUMBERS[f"{prefix}.{i}"].value for i in range(100) if f"{prefix}.{i}" in NUMBERS]
+    # the rows are entered in order, and dicts keep it
+    values = [entry.value for key, entry in NUMBERS.items() if key.rpartition(".")[0] == prefix]
     if not values:
         raise KeyError(f"The paper has no row {prefix!r}")
     return values
@@ -117,14 +118,7 @@ def beside_paper(ours: dict, settings: list[str], sources: dict[str, str] | None
 
 def glue_numbers() -> list[str]:
     """Glue every paper number under ``paper.<key>`` for the chapters' prose (``{glue:text}`paper.nemo_dori.mr:.2f```)."""
-    nested: dict = {}
-    for key, entry in NUMBERS.items():
-        *parents, last = key.split(".")
-        target = nested
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[last] = entry.value
-    return glue_values(nested, prefix="paper")
+    return glue_named([(glue_key(["paper", *key.split(".")]), entry.value) for key, entry in NUMBERS.items()])
 
 
 def print_checks(title: str, checks: dict[str, bool]) -> None:

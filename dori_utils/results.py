@@ -69,18 +69,21 @@ def glue_values(values: dict, prefix: str = "") -> list[str]:
     """Glue every scalar in ``values`` (nested dicts and lists are walked) so that a chapter's Markdown can quote
     it: ``{glue:text}`nemo_dori.mr:.2f``` (numbers take a format spec; strings ``:s``). Outside a notebook kernel
     nothing is displayed; the names are returned either way."""
+    return glue_named(list(_scalars(values, [prefix] if prefix else [])))
+
+
+def glue_named(named: list[tuple[str, object]]) -> list[str]:
+    """Glue each (name, scalar) pair as it is named; see :func:`glue_values`."""
     from IPython import get_ipython
     from IPython.display import display
 
-    names = []
-    for name, value in _scalars(values, [prefix] if prefix else []):
-        names.append(name)
-        if get_ipython() is not None:
+    if get_ipython() is not None:
+        for name, value in named:
             # a Python literal, which is what myst-nb's format spec is applied to
             text = repr(float(value)) if isinstance(value, float) else repr(value)
             display({GLUE_PREFIX + "text/plain": text}, raw=True,
                     metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
-    return names
+    return [name for name, _ in named]
 
 
 def cached(path: str | Path, params: dict, compute):

@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
@@ -111,3 +112,22 @@ def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendError, match="no CUDA GPU"):
         load_backend("organism", device="cuda")
+
+
+def test_backend_capabilities_on_the_organism(tiny_backend):
+    prompts = tiny_backend.prompt_sets["utility"][:2]
+    accuracy = tiny_backend.utility(generate_for_prompts(tiny_backend, prompts, [0]).images, prompts)
+    assert tiny_backend.utility_name == "attribute accuracy" and 0 <= accuracy <= 1
+    assert len(tiny_backend.never_seen_items()) > 0 and len(tiny_backend.training_samples()) > 0
+    assert all(item.kind == "TM" for item in tiny_backend.template_items())
+
+
+def test_max_items_limits_the_organism_and_offline_is_set_for_it_only(tiny_organism_dir, monkeypatch):
+    from dori_utils.backends import prepare_environment
+
+    assert len(load_backend("organism", device="cpu", path=tiny_organism_dir, max_items=1).memorized) == 1
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    prepare_environment("sd-v1-4")
+    assert "HF_HUB_OFFLINE" not in os.environ
+    prepare_environment("organism")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
