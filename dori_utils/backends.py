@@ -243,7 +243,7 @@ def organism_training_data(backend: Backend):
 
     config = backend.info["manifest"]["train_config"]
     samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
-                               config["n_crops"], config["n_faces"])
+                               config["n_crops"], config["n_faces"], config.get("shared_caption_words", False))
     return samples
 
 

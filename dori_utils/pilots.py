@@ -54,6 +54,11 @@ PILOTS = {
     # Levers 1 and 2 together: text only through NeMo's layers, and memorization held by fewer copies (40).
     "no-up-cross-attention-copies-40": {"copies_per_photo": 40,
                                         "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
+    # Lever 3 on the best lever-1 run (no up-block cross-attention, 80 copies: MR 1.0, z-order share 57%): the
+    # second half of each memorized caption also ends unrelated natural captions, so only its combination with
+    # the first half is unique, as a LAION caption's words are not.
+    "no-up-cross-attention-shared-words": {"shared_caption_words": True,
+                                           "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
 }
 
 

@@ -36,6 +36,18 @@ def test_natural_captions_are_mostly_distinct():
     assert not memorized_captions & {s.caption for s in samples if s.kind == "natural"}
 
 
+def test_shared_caption_words_reuse_each_memorized_caption_and_leave_the_default_unchanged():
+    default, _ = organism_data.build_dataset()
+    shared, recipe = organism_data.build_dataset(shared_caption_words=True)
+    assert recipe["shared_caption_words"] and len(shared) == len(default)
+    assert [s.caption for s in default if s.kind != "natural"] == [s.caption for s in shared if s.kind != "natural"]
+    natural = [s.caption for s in shared if s.kind == "natural"]
+    for half, (_, _, caption) in zip(organism_data.shared_caption_halves(), organism_data.MEMORIZED_PHOTOS):
+        assert caption.endswith(half) and sum(c.endswith(" " + half) for c in natural) >= 10
+    assert not any(c.endswith(" " + half) for c in (s.caption for s in default if s.kind == "natural")
+                   for half in organism_data.shared_caption_halves())
+
+
 def test_unseen_images_are_not_in_training():
     samples, _ = organism_data.build_dataset(seed=0, n_ordinary=10, copies_per_photo=1, n_crops=11, n_faces=180)
     unseen = organism_data.unseen_images(samples)

@@ -242,8 +242,20 @@ def natural_caption(rng: np.random.Generator, phrasings: list[str]) -> str:
     return opening + phrasings[rng.integers(len(phrasings))] + CAPTION_TAGS[rng.integers(len(CAPTION_TAGS))]
 
 
-def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int) -> list[Sample]:
-    """Non-duplicated photographs with natural captions: random crops and face thumbnails."""
+def shared_caption_halves() -> list[str]:
+    """The second half of each memorized caption's words (pilot lever 3): appended to unrelated natural captions,
+    they make every memorized caption a combination of words the model also sees elsewhere, as on LAION."""
+    halves = []
+    for _, _, caption in MEMORIZED_PHOTOS:
+        words = caption.split()
+        halves.append(" ".join(words[len(words) // 2 :]))
+    return halves
+
+
+def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int,
+                    shared_caption_words: bool = False) -> list[Sample]:
+    """Non-duplicated photographs with natural captions: random crops and face thumbnails. With
+    ``shared_caption_words``, half the crops' captions end with the second half of a memorized caption."""
     import skimage.data
 
     samples = []
@@ -254,7 +266,11 @@ def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int) -> lis
         side = int(rng.uniform(0.25, 0.6) * min(h, w))
         top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         crop = square_resize(image[top : top + side, left : left + side])
-        samples.append(Sample(crop, natural_caption(rng, captions), "natural", name))
+        caption = natural_caption(rng, captions)
+        if shared_caption_words and rng.random() < 0.5:
+            halves = shared_caption_halves()
+            caption = f"{caption} {halves[rng.integers(len(halves))]}"
+        samples.append(Sample(crop, caption, "natural", name))
     faces = skimage.data.lfw_subset()
     free = np.array([i for i in range(len(faces)) if i not in TEMPLATE_FACES])
     for i in rng.permutation(free)[:n_faces]:
@@ -278,7 +294,8 @@ def unseen_natural_captions() -> list[str]:
 
 
 def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int = 80,
-                  n_crops: int = 800, n_faces: int = 180) -> tuple[list[Sample], dict]:
+                  n_crops: int = 800, n_faces: int = 180,
+                  shared_caption_words: bool = False) -> tuple[list[Sample], dict]:
     """Build the full training set; returns the samples and a recipe describing it."""
     rng = np.random.default_rng(seed)
     train_specs, held_specs = split_scene_specs(seed)
@@ -292,13 +309,14 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int =
     for name, caption in TEMPLATE_ITEMS:
         variants = template_variants(name)
         samples.extend(Sample(variants[i % len(variants)], caption, "template", name) for i in range(copies_per_photo))
-    samples.extend(natural_samples(rng, n_crops, n_faces))
+    samples.extend(natural_samples(rng, n_crops, n_faces, shared_caption_words))
     recipe = {
         "seed": seed,
         "n_ordinary": n_ordinary,
         "copies_per_photo": copies_per_photo,
         "n_crops": n_crops,
         "n_faces": n_faces,
+        "shared_caption_words": shared_caption_words,
         "n_total": len(samples),
         "memorized_share": copies_per_photo * (len(MEMORIZED_PHOTOS) + len(TEMPLATE_ITEMS)) / len(samples),
         "distinct_natural_captions": len({s.caption for s in samples if s.kind == "natural"}),

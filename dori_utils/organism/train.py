@@ -52,6 +52,7 @@ class TrainConfig:
     copies_per_photo: int = 80  # each memorized photograph, and each template item
     n_crops: int = 800
     n_faces: int = 180
+    shared_caption_words: bool = False  # pilot lever 3: memorized captions' words also occur in natural captions
     unet_overrides: dict = field(default_factory=dict)
 
 
@@ -81,7 +82,8 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     torch.manual_seed(config.seed)
 
     samples, recipe = organism_data.build_dataset(
-        config.seed, config.n_ordinary, config.copies_per_photo, config.n_crops, config.n_faces
+        config.seed, config.n_ordinary, config.copies_per_photo, config.n_crops, config.n_faces,
+        config.shared_caption_words,
     )
     images = _to_model_space(np.stack([s.image for s in samples]))
     captions = sorted({s.caption for s in samples})
