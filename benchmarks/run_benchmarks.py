@@ -200,7 +200,7 @@ def organism_methods_benchmark(repeats: int = 1) -> dict:
     backend = load_backend("organism")
     item = backend.memorized[0]
     embedding = backend.encode_prompts([item.prompt])
-    statistics, threshold, _ = nemo.mitigate_items(backend, [], n_statistics=3000, n_calibration=100)
+    statistics, threshold, _ = nemo.find_neurons(backend, [], n_statistics=3000, n_calibration=100)
     timings = {}
     started = time.perf_counter()
     for _ in range(repeats):

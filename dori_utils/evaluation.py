@@ -19,7 +19,7 @@ class ItemEvaluation:
     threshold: float
 
     @property
-    def wen(self) -> torch.Tensor:
+    def wen_scores(self) -> torch.Tensor:
         """items x seeds: Wen et al.'s score, the mean over sampling steps."""
         return self.wen_per_step.mean(dim=-1)
 

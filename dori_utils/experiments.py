@@ -47,7 +47,7 @@ def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedC
 def nemo_neurons(backend: Backend, config: SharedConfig, progress: bool = True):
     """NeMo on every memorized item of the backend, as its authors run it: (statistics, threshold, per-item
     results), cached under ``results/<backend>/cache``."""
-    return nemo.mitigate_items_cached(backend, backend.memorized, results.results_dir(backend.name) / "cache" / "nemo.pt",
+    return nemo.find_neurons_cached(backend, backend.memorized, results.results_dir(backend.name) / "cache",
                                       config.n_statistics, config.n_calibration, progress=progress)
 
 
@@ -73,7 +73,7 @@ def trigger_experiment(backend: Backend, config: SharedConfig, progress: bool = 
               "attacked": [item.id for item in items], "n_random": config.n_random, "start_prompts": start_prompts,
               "steps": config.attack_steps, "seeds": list(config.eval_seeds)}
     triggers = results.cached(
-        results.results_dir(backend.name) / "cache" / "triggers.pt", params,
+        results.results_dir(backend.name) / "cache", "triggers", params,
         lambda: collect_triggers(backend, items, nemo.per_item_blocking(backend, localized), config.n_random,
                                  start_prompts, config.attack_steps, config.eval_seeds, progress=progress))
     return TriggerExperiment(backend, config, items, localized, triggers)

@@ -137,7 +137,7 @@ def pruned_surrogates(backend, items, levels=SURROGATE_LEVELS, seeds=(0, 1, 2), 
     values = {name: list(range(module.out_features))
               for name, module in hooks.modules_by_name(backend.unet, nemo.value_layers(backend.unet)).items()}
     # one pass for the activation norms; only the share of weights pruned differs between levels
-    masks_at = wanda.find_weights(backend, prompts, sparsity=[sparsity for sparsity, _ in levels], union_steps=union_steps)
+    masks_at = wanda.pruning_masks(backend, prompts, sparsity=[sparsity for sparsity, _ in levels], union_steps=union_steps)
     chosen: Surrogates | None = None
     remaining = list(range(len(items)))
     for sparsity, block_values in levels:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -461,15 +462,28 @@ def default_statistics_source(backend) -> str:
     return "published" if backend.name == "sd-v1-4" else "recompute"
 
 
-def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int = 100, seed: int = 0,
-                   statistics: str | None = None, timestep: int | None = None, progress: bool = False):
+class NeuronSearch(NamedTuple):
+    """NeMo's result for several items: the statistics and threshold it used, and one localisation per item.
+    It unpacks as ``statistics, threshold, per_item = search``."""
+
+    statistics: ActivationStatistics
+    threshold: float
+    per_item: list
+
+    @property
+    def n_value_neurons(self) -> int:
+        """How many value neurons NeMo searched (all channels of its layers)."""
+        return sum(len(mean) for mean in self.statistics.mean.values())
+
+
+def find_neurons(backend, items, n_statistics: int = 3000, n_calibration: int = 100, seed: int = 0,
+                 statistics: str | None = None, timestep: int | None = None, progress: bool = False) -> NeuronSearch:
     """NeMo end to end for several memorized items: statistics, threshold, then one localisation per item.
 
     ``statistics="published"``: NeMo's statistics file and threshold 0.428 (SD v1.4 only; the default there).
     ``statistics="recompute"`` (the default elsewhere): statistics from ``backend_statistics(backend,
     n_statistics, seed)`` and the threshold from ``n_calibration`` of ``backend.prompt_sets["nonmemorized"]``,
     drawn with ``seed + 1``. ``timestep``: see :func:`detection_timestep`.
-    Returns (statistics, threshold, [NemoResult per item]).
     """
     import numpy as np
 
@@ -484,29 +498,32 @@ def mitigate_items(backend, items, n_statistics: int = 3000, n_calibration: int 
         calibration = np.random.default_rng(seed + 1).choice(pool, min(n_calibration, len(pool)), replace=False)
         threshold, _ = calibrate_threshold(backend, list(calibration), timestep=timestep)
     if not items:
-        return activation_stats, threshold, []
+        return NeuronSearch(activation_stats, threshold, [])
     embeddings = backend.encode_prompts([item.prompt for item in items])
     localized = [localize(backend, e[None], activation_stats, threshold, timestep=timestep)
                  for e in tqdm(embeddings, desc="NeMo localisation", disable=not progress)]
-    return activation_stats, threshold, localized
+    return NeuronSearch(activation_stats, threshold, localized)
 
 
 def cache_key(backend, items, n_statistics: int = 3000, n_calibration: int = 100, statistics: str | None = None,
-              timestep: int | None = None) -> dict:
-    """What a ``mitigate_items`` run depends on: the model's weights, the items, the statistics and the timestep."""
+              timestep: int | None = None, seed: int = 0) -> dict:
+    """What a ``find_neurons`` run depends on: the model's weights, the items, the statistics, the timestep and
+    the seed that draws the statistics and calibration prompts."""
     source = statistics or default_statistics_source(backend)
-    sizes = {"n_statistics": n_statistics, "n_calibration": n_calibration} if source == "recompute" else {}
+    sizes = {"n_statistics": n_statistics, "n_calibration": n_calibration, "seed": seed} if source == "recompute" else {}
     return {"method": "nemo-f952ede", "model": backend.info["fingerprint"], "items": [item.id for item in items],
             "statistics": source, **sizes,
             "timestep": detection_timestep(backend) if timestep is None else int(timestep)}
 
 
-def mitigate_items_cached(backend, items, path, n_statistics: int = 3000, n_calibration: int = 100,
-                          statistics: str | None = None, timestep: int | None = None, progress: bool = False):
-    """``mitigate_items``, stored in ``path`` under ``cache_key``: chapters that ask for the same run share one
-    file, and a different run replaces it instead of being mistaken for it."""
+def find_neurons_cached(backend, items, cache_dir, n_statistics: int = 3000, n_calibration: int = 100,
+                        statistics: str | None = None, timestep: int | None = None, seed: int = 0,
+                        progress: bool = False) -> NeuronSearch:
+    """``find_neurons``, kept in ``cache_dir`` under its ``cache_key``: chapters that ask for the same run share
+    it, and a different run is stored beside it."""
     from dori_utils import results
 
-    return results.cached(path, cache_key(backend, items, n_statistics, n_calibration, statistics, timestep),
-                          lambda: mitigate_items(backend, items, n_statistics, n_calibration, statistics=statistics,
-                                                 timestep=timestep, progress=progress))
+    return results.cached(cache_dir, "nemo", cache_key(backend, items, n_statistics, n_calibration, statistics,
+                                                       timestep, seed),
+                          lambda: find_neurons(backend, items, n_statistics, n_calibration, seed, statistics,
+                                               timestep, progress))

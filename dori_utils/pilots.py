@@ -81,7 +81,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     row["attribute_accuracy"] = backend.utility(images, heldout)
     row["heldout_max_score"] = score_against_all_references(backend, images)[0].max().item()
 
-    statistics, threshold, localized = nemo.mitigate_items(backend, items, progress=progress)
+    statistics, threshold, localized = nemo.find_neurons(backend, items, progress=progress)
     n_value = sum(len(m) for m in statistics.mean.values())
     needed = [k for k, _ in nemo.neurons_needed(backend, items, statistics, seeds=EVAL_SEEDS[:1]) if k > 0]
     row["zorder_share_median"] = float(np.median(needed)) / n_value if needed else None
@@ -94,7 +94,7 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     blocking = nemo.per_item_blocking(backend, localized)
     row["nemo_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items, row_context=blocking).mr
 
-    masks = wanda.find_weights(backend, embeddings, sparsity=0.01, union_steps=min(10, backend.num_inference_steps))
+    masks = wanda.pruning_masks(backend, embeddings, sparsity=0.01, union_steps=min(10, backend.num_inference_steps))
     with wanda.prune(backend, masks):
         row["wanda1_mr"] = evaluate_items(backend, EVAL_SEEDS, embeddings, items=items).mr
         row["wanda1_attribute_accuracy"] = backend.utility(generate_for_prompts(backend, heldout, [0]).images, heldout)

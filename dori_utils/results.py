@@ -1,14 +1,17 @@
 """Where a chapter's results go: ``results/<backend>/``, written as they are produced.
 
 JSON summaries are rewritten after every update (atomically), so an interrupted run keeps what it computed;
-tensors that later chapters share (e.g. Dori triggers) are cached as ``.pt`` files with the parameters that
-made them, and recomputed when those parameters change.
+results that later chapters share (NeMo's neurons, Dori triggers) are cached under ``results/<backend>/cache/``,
+one file per set of parameters with a readable sidecar of them (``cached``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -86,14 +89,42 @@ def glue_named(named: list[tuple[str, object]]) -> list[str]:
     return [name for name, _ in named]
 
 
-def cached(path: str | Path, params: dict, compute):
-    """Load ``path`` if it was made with the same ``params``, else ``compute()`` and save it (torch.save)."""
-    path = Path(path)
+def cache_path(cache_dir: str | Path, name: str, params: dict) -> Path:
+    """Where ``cached`` keeps the result of ``name`` computed with ``params``: ``<name>-<hash of params>.pt``."""
+    if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"A cache name is letters, digits, '_', '-' or '.', got {name!r}")
+    canonical = json.dumps(params, sort_keys=True, default=str)
+    return Path(cache_dir) / f"{name}-{hashlib.sha1(canonical.encode()).hexdigest()[:12]}.pt"
+
+
+def cached(cache_dir: str | Path, name: str, params: dict, compute):
+    """The result of ``compute()`` for ``params``, from ``cache_dir`` when it was computed before.
+
+    Each set of parameters has its own file (``cache_path``), so runs with different sizes sit side by side
+    instead of evicting each other; beside it a readable ``.json`` sidecar records the parameters, the package
+    version and when it was made. An unreadable file (an interrupted write, another torch) is recomputed.
+    """
+    path = cache_path(cache_dir, name, params)
     if path.exists():
-        stored = torch.load(path, weights_only=False)
-        if stored.get("params") == params:
-            return stored["value"]
+        try:
+            return torch.load(path, weights_only=False)["value"]
+        except Exception as error:  # a corrupt entry is only a cache miss, but say so
+            warnings.warn(f"Cache entry {path} could not be read ({error}); recomputing it.", stacklevel=2)
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"params": params, "value": value}, path)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"params": params, "value": value}, tmp)
+    tmp.replace(path)
+    sidecar = {"name": name, "params": json.loads(json.dumps(params, default=str)), "dori_utils": _package_version(),
+               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
     return value
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dori-utils")
+    except PackageNotFoundError:  # run from a checkout that was never installed (e.g. Colab's sys.path)
+        return "not installed"

@@ -71,7 +71,7 @@ def select_weights(weight: torch.Tensor, target_norms: torch.Tensor, base_norms:
     return mask
 
 
-def find_weights(backend, target_embeddings: torch.Tensor, sparsity: float | list[float] = 0.01, union_steps: int = 10,
+def pruning_masks(backend, target_embeddings: torch.Tensor, sparsity: float | list[float] = 0.01, union_steps: int = 10,
                  seeds: list[int] | None = None, **sampling_kwargs):
     """Wanda masks (layer -> bool out x in) for a set of target embeddings (the memorized prompts, or triggers).
 

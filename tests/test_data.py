@@ -134,7 +134,7 @@ def test_ground_truth_folder(tmp_path):
 def test_result_log_writes_each_record_and_never_mixes_runs(tmp_path):
     import json
 
-    from dori_utils.results import ResultLog, cached
+    from dori_utils.results import ResultLog, cache_path, cached
 
     path = tmp_path / "ch.json"
     first = ResultLog(path)
@@ -147,6 +147,15 @@ def test_result_log_writes_each_record_and_never_mixes_runs(tmp_path):
 
     calls = []
     compute = lambda: calls.append(1) or len(calls)
-    assert cached(tmp_path / "c.pt", {"k": 1}, compute) == 1
-    assert cached(tmp_path / "c.pt", {"k": 1}, compute) == 1 and len(calls) == 1
-    assert cached(tmp_path / "c.pt", {"k": 2}, compute) == 2
+    assert cached(tmp_path, "c", {"k": 1}, compute) == 1
+    assert cached(tmp_path, "c", {"k": 1}, compute) == 1 and len(calls) == 1
+    assert cached(tmp_path, "c", {"k": 2}, compute) == 2
+    assert cached(tmp_path, "c", {"k": 1}, compute) == 1 and len(calls) == 2  # side by side, not evicted
+    sidecar = json.loads(cache_path(tmp_path, "c", {"k": 2}).with_suffix(".json").read_text())
+    assert sidecar["params"] == {"k": 2} and sidecar["name"] == "c" and sidecar["dori_utils"]
+    cache_path(tmp_path, "c", {"k": 2}).write_bytes(b"not a torch file")  # e.g. an interrupted copy
+    with pytest.warns(UserWarning, match="could not be read"):
+        assert cached(tmp_path, "c", {"k": 2}, compute) == 3
+    assert cached(tmp_path, "c", {"k": 2}, compute) == 3  # and the recomputed entry replaced it
+    with pytest.raises(ValueError, match="cache name"):
+        cached(tmp_path, "a/b", {}, compute)

@@ -150,7 +150,7 @@ def test_attack_and_sampling_reject_bad_input_at_the_call(tiny_backend):
 
 def test_wanda_masks_respect_sparsity_and_pruning_restores_weights(tiny_backend):
     prompts = [m.prompt for m in tiny_backend.memorized[:3]]
-    masks = wanda.find_weights(tiny_backend, tiny_backend.encode_prompts(prompts), sparsity=0.1, union_steps=2)
+    masks = wanda.pruning_masks(tiny_backend, tiny_backend.encode_prompts(prompts), sparsity=0.1, union_steps=2)
     assert set(masks) == set(wanda.ff_layers(tiny_backend.unet))
     for name, mask in masks.items():
         per_row_limit = 2 * max(1, int(0.1 * mask.shape[1]))  # union of two steps
@@ -377,17 +377,27 @@ def test_channels_touched_pairs_layers_of_the_same_transformer_block():
     assert touched == {block: ({1, 3}, {1, 2})}
 
 
-def test_mitigate_items_cached_shares_one_run_and_recomputes_for_another(tiny_backend, tmp_path, monkeypatch):
+def test_find_neurons_cached_shares_one_run_and_keeps_others_beside_it(tiny_backend, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(nemo, "mitigate_items", lambda backend, items, n_s, n_c, **options: calls.append(n_s) or n_s)
-    path = tmp_path / "nemo.pt"
+    monkeypatch.setattr(nemo, "find_neurons", lambda backend, items, n_s, n_c, seed, *rest: calls.append(n_s) or n_s)
     items = tiny_backend.memorized[:2]
-    assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8
-    assert nemo.mitigate_items_cached(tiny_backend, items, path, 8, 4) == 8 and calls == [8]
-    assert nemo.mitigate_items_cached(tiny_backend, items[:1], path, 8, 4) == 8 and len(calls) == 2
-    assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4) == 16 and len(calls) == 3
-    assert nemo.mitigate_items_cached(tiny_backend, items, path, 16, 4, timestep=900) == 16 and len(calls) == 4
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8 and calls == [8]
+    assert nemo.find_neurons_cached(tiny_backend, items[:1], tmp_path, 8, 4) == 8 and len(calls) == 2
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 16, 4) == 16 and len(calls) == 3
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 16, 4, timestep=900) == 16 and len(calls) == 4
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4, seed=1) == 8 and len(calls) == 5
+    # the first run is still there: a later one did not evict it
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8 and len(calls) == 5
+    assert len(list(tmp_path.glob("nemo-*.pt"))) == len(list(tmp_path.glob("nemo-*.json"))) == 5
     assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
+
+
+def test_find_neurons_returns_a_search_that_unpacks(tiny_backend):
+    search = nemo.find_neurons(tiny_backend, tiny_backend.memorized[:1], n_statistics=8, n_calibration=4)
+    statistics, threshold, per_item = search
+    assert statistics is search.statistics and threshold == search.threshold and len(per_item) == 1
+    assert search.n_value_neurons == sum(len(m) for m in statistics.mean.values()) > 0
 
 
 def test_cross_item_blocking_generates_each_distinct_selection_once(tiny_backend, monkeypatch):

@@ -210,10 +210,10 @@ def test_the_books_methods_run_unchanged_on_the_sd_backend(backend):
     from dori_utils.evaluation import evaluate_items
 
     items = backend.memorized[:2]
-    statistics, threshold, localized = nemo.mitigate_items(backend, items, n_statistics=4, n_calibration=4,
+    statistics, threshold, localized = nemo.find_neurons(backend, items, n_statistics=4, n_calibration=4,
                                                            statistics="recompute")
     assert len(localized) == 2 and threshold > 0
-    masks = wanda.find_weights(backend, backend.encode_prompts([i.prompt for i in items]), union_steps=2,
+    masks = wanda.pruning_masks(backend, backend.encode_prompts([i.prompt for i in items]), union_steps=2,
                                num_inference_steps=4)
     assert set(masks) == set(wanda.ff_layers(backend.unet))
     targets = torch.cat([i.references[:1] for i in items])
@@ -246,7 +246,7 @@ def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths
         nemo.published_statistics(backend, path)
     assert nemo.default_statistics_source(backend) == "published"
     with pytest.raises(ValueError, match="statistics must be one of"):
-        nemo.mitigate_items(backend, [], statistics="laion")
+        nemo.find_neurons(backend, [], statistics="laion")
 
 
 def test_sd_encode_prompts_rejects_an_empty_list(backend):
