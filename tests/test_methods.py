@@ -377,19 +377,26 @@ def test_channels_touched_pairs_layers_of_the_same_transformer_block():
     assert touched == {block: ({1, 3}, {1, 2})}
 
 
-def test_find_neurons_cached_shares_one_run_and_keeps_others_beside_it(tiny_backend, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(nemo, "find_neurons", lambda backend, items, n_s, n_c, seed, *rest: calls.append(n_s) or n_s)
+def test_find_neurons_cached_shares_statistics_and_items_and_keeps_other_runs_beside_them(tiny_backend, tmp_path,
+                                                                                         monkeypatch):
+    runs, localized = [], []
+    real_find = nemo.find_neurons
+    monkeypatch.setattr(nemo, "find_neurons", lambda *args: runs.append(args[2]) or real_find(*args))
+    monkeypatch.setattr(nemo, "localize", lambda backend, embedding, *a, **k: localized.append(1) or len(localized))
     items = tiny_backend.memorized[:2]
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8 and calls == [8]
-    assert nemo.find_neurons_cached(tiny_backend, items[:1], tmp_path, 8, 4) == 8 and len(calls) == 2
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 16, 4) == 16 and len(calls) == 3
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 16, 4, timestep=900) == 16 and len(calls) == 4
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4, seed=1) == 8 and len(calls) == 5
-    # the first run is still there: a later one did not evict it
-    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4) == 8 and len(calls) == 5
-    assert len(list(tmp_path.glob("nemo-*.pt"))) == len(list(tmp_path.glob("nemo-*.json"))) == 5
+    first = nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
+    assert runs == [8] and first.per_item == [1, 2]
+    again = nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
+    assert runs == [8] and again.per_item == [1, 2] and torch.equal(again.statistics.mean[next(iter(
+        again.statistics.mean))], first.statistics.mean[next(iter(first.statistics.mean))])
+    # a subset of the items (another chapter) reuses both the statistics and the item's localisation
+    assert nemo.find_neurons_cached(tiny_backend, items[1:], tmp_path, 8, 4).per_item == [2] and len(localized) == 2
+    nemo.find_neurons_cached(tiny_backend, items[:1], tmp_path, 16, 4)
+    nemo.find_neurons_cached(tiny_backend, items[:1], tmp_path, 8, 4, seed=1)
+    assert runs == [8, 16, 8] and len(localized) == 4
+    # the first run is still there: later ones did not evict it
+    assert nemo.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4).per_item == [1, 2] and runs == [8, 16, 8]
+    assert len(list(tmp_path.glob("nemo-statistics-*.pt"))) == len(list(tmp_path.glob("nemo-statistics-*.json"))) == 3
     assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
 
 
