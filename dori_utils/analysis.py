@@ -202,3 +202,125 @@ def trigger_distances(triggers: TriggerSet, prompt_embeddings: dict[str, torch.T
             "random starts of the same image": torch.cat(starts) if starts else torch.empty(0),
             "two non-memorized prompts": pairwise_distances(unrelated),
             "trigger to its start": to_start, "trigger to its memorized prompt": to_prompt}
+
+
+# ----------------------------------------------------------------------------------- chapter 2: where triggers lie
+
+def trigger_success(triggers: TriggerSet):
+    """Share of starts that became replication triggers, per item (rows) and kind of start (columns)."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"item": triggers.item_ids, "start": triggers.start_kinds,
+                          "replicates": triggers.replicates.float().numpy()})
+    return frame.pivot_table(index="item", columns="start", values="replicates", aggfunc="mean")
+
+
+def trigger_map_points(triggers: TriggerSet, memorized_prompts: torch.Tensor, ordinary: torch.Tensor):
+    """The points of the trigger map (starts, triggers, memorized prompts, ordinary prompts) flattened into one
+    array, and the slice of each group."""
+    n, m = len(triggers.triggers), len(memorized_prompts)
+    points = torch.cat([triggers.initial, triggers.triggers, memorized_prompts.cpu().float(), ordinary.cpu().float()])
+    groups = {"start": slice(0, n), "trigger": slice(n, 2 * n), "memorized prompt": slice(2 * n, 2 * n + m),
+              "ordinary prompt": slice(2 * n + m, len(points))}
+    return points.flatten(1).numpy(), groups
+
+
+def spread_summary(triggers: TriggerSet, distances: dict[str, torch.Tensor]) -> dict:
+    """The numbers behind the "spread" claim: share of starts that became triggers, the median of each distance
+    distribution, the two ratios the chapter reads, and the share of triggers whose nearest start is their own."""
+    medians = {name: d.median().item() for name, d in distances.items()}
+    nearest = cross_distances(triggers.triggers, triggers.initial).argmin(dim=1)
+    return {
+        "share": triggers.replicates.float().mean().item(),
+        "n_triggers": len(triggers.triggers),
+        "n_replicating": int(triggers.replicates.sum().item()),
+        "median_distances": medians,
+        "ratio_to_unrelated": medians["triggers of the same image"] / medians["two non-memorized prompts"],
+        "ratio_to_starts": medians["triggers of the same image"] / medians["random starts of the same image"],
+        "own_start_nearest_share": (nearest == torch.arange(len(nearest))).float().mean().item(),
+        "prompt_vs_start": medians["trigger to its memorized prompt"] / medians["trigger to its start"],
+    }
+
+
+# ------------------------------------------------------------------- chapter 3: what triggers of one image activate
+
+def activation_divergence(backend, embeddings: dict[str, torch.Tensor], top_share: float = 0.1,
+                          timestep: int | None = None) -> tuple[dict, dict]:
+    """For NeMo's and Wanda's layers: the mean pairwise activation distance per layer for each set of embeddings
+    (a DataFrame per method, rows "1: down_blocks.2" ..., one column per set), and the mean IoU of each
+    embedding's top ``top_share`` most active channels (a dict per method: set -> IoU)."""
+    import pandas as pd
+
+    discrepancy, top_overlap = {}, {}
+    for method in ("nemo", "wanda"):
+        acts = {name: layer_activations(backend, e, method, timestep=timestep) for name, e in embeddings.items()}
+        frame = pd.DataFrame({name: mean_pairwise_distance(a) for name, a in acts.items()})
+        frame.index = [f"{i + 1}: {layer.split('.attentions')[0]}" for i, layer in enumerate(frame.index)]
+        discrepancy[method] = frame
+        width = next(iter(next(iter(acts.values())).values())).shape[-1]
+        k = max(1, int(top_share * width))
+        top_overlap[method] = {name: float(np.mean([pairwise_iou(sets)[0] for sets in top_neurons(a, k).values()]))
+                               for name, a in acts.items()}
+    return discrepancy, top_overlap
+
+
+def discrepancy_ratio(adv, mem) -> float:
+    """Mean over layers of the Y_adv / Y_mem discrepancy ratio (ours: two columns; the paper's: two rows)."""
+    return float(np.mean(np.asarray(adv, dtype=float) / np.asarray(mem, dtype=float)))
+
+
+# --------------------------------------------------------------- chapter 4: which weights the pruning methods pick
+
+def pruning_selections(backend, neurons, embeddings: dict[str, torch.Tensor], sparsity: float = 0.01) -> dict:
+    """Run each pruning method with each embedding in place of the prompt: for every set of embeddings, NeMo's
+    result (with ``neurons``' statistics and threshold) and Wanda's masks at ``sparsity``, one per embedding."""
+    return {name: {"nemo": [nemo.localize(backend, e[None], neurons.statistics, neurons.threshold) for e in group],
+                   "wanda": [wanda.pruning_masks(backend, e[None], sparsity=sparsity) for e in group]}
+            for name, group in embeddings.items()}
+
+
+def selection_iou_table(selections: dict):
+    """One row per (set, method, layer): the mean pairwise IoU of the selections and the share of pairs where
+    both were empty (which count as full agreement)."""
+    import pandas as pd
+
+    rows = []
+    for name, by_method in selections.items():
+        for method, to_sets in (("nemo", lambda r: nemo_sets(r.neurons)), ("wanda", wanda_sets)):
+            per_layer = layerwise_iou([to_sets(r) for r in by_method[method]])
+            for i, (mean_iou, empty) in enumerate(per_layer.values()):
+                rows.append({"set": name, "method": method, "layer": i + 1, "IoU": mean_iou, "both empty": empty})
+    return pd.DataFrame(rows)
+
+
+def cross_method_table(selections: dict):
+    """Per set, embedding and transformer block: the IoU of the channels NeMo and Wanda touch (see
+    :func:`channels_touched`) and how many each touches."""
+    import pandas as pd
+
+    rows = []
+    for name, by_method in selections.items():
+        for result, masks in zip(by_method["nemo"], by_method["wanda"]):
+            for block, (a, b) in channels_touched(result.neurons, masks).items():
+                rows.append({"set": name, "block": block, "IoU": iou(a, b), "NeMo channels": len(a),
+                             "Wanda rows": len(b)})
+    return pd.DataFrame(rows)
+
+
+def transfer_scores(backend, item, nemo_results: list, embeddings: torch.Tensor, seed: int) -> np.ndarray:
+    """Row i, column j: the replication score of embedding j generated with the NeMo neurons found for
+    embedding i blocked (seed ``seed``). If memorization were local, every row would stop every column."""
+    from dori_utils.evaluation import evaluate_items
+
+    scores = np.zeros((len(nemo_results), len(embeddings)))
+    for i, result in enumerate(nemo_results):
+        with nemo.block(backend, result.neurons):
+            scores[i] = evaluate_items(backend, [seed], embeddings, items=[item] * len(embeddings)).scores[:, 0].numpy()
+    return scores
+
+
+def off_diagonal_stopped_share(scores: np.ndarray, threshold: float) -> float:
+    """Share of (i, j != i) pairs whose score is under the replication threshold."""
+    if scores.shape[0] != scores.shape[1] or len(scores) < 2:
+        raise ValueError(f"need a square matrix of at least 2 x 2, got {scores.shape}")
+    return float((scores[~np.eye(len(scores), dtype=bool)] < threshold).mean())

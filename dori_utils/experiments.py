@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from dori_utils import nemo, results
 from dori_utils.analysis import TriggerSet, collect_triggers
@@ -44,11 +45,20 @@ def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedC
     return dataclasses.replace(SharedConfig(), **{**(SMOKE_SIZES if smoke else {}), **overrides})
 
 
-def nemo_neurons(backend: Backend, config: SharedConfig, progress: bool = True):
-    """NeMo on every memorized item of the backend, as its authors run it: (statistics, threshold, per-item
-    results), cached under ``results/<backend>/cache``."""
-    return nemo.find_neurons_cached(backend, backend.memorized, results.results_dir(backend.name) / "cache",
-                                      config.n_statistics, config.n_calibration, progress=progress)
+def sample_prompts(backend: Backend, prompt_set: str, n: int, seed: int) -> list[str]:
+    """``n`` prompts of one of the backend's prompt sets, drawn without replacement (all of them if fewer)."""
+    pool = backend.prompt_sets[prompt_set]
+    if not len(pool):
+        raise ValueError(f"The {backend.name} backend's prompt set {prompt_set!r} is empty.")
+    return list(np.random.default_rng(seed).choice(pool, min(n, len(pool)), replace=False))
+
+
+def nemo_neurons(backend: Backend, config: SharedConfig, items=None, progress: bool = True) -> nemo.NeuronSearch:
+    """NeMo as its authors run it, on ``items`` (default: every memorized item of the backend), cached per item
+    under ``results/<backend>/cache`` so that every chapter shares the same statistics and localisations."""
+    items = backend.memorized if items is None else items
+    return nemo.find_neurons_cached(backend, items, results.results_dir(backend.name) / "cache",
+                                    config.n_statistics, config.n_calibration, progress=progress)
 
 
 @dataclass
@@ -59,21 +69,64 @@ class TriggerExperiment:
     backend: Backend
     config: SharedConfig
     items: list
-    localized: list  # NeMo's result for each attacked item
+    neurons: nemo.NeuronSearch  # NeMo's statistics, threshold and one result per attacked item
     triggers: TriggerSet
+
+    @property
+    def localized(self) -> list:
+        return self.neurons.per_item
 
 
 def trigger_experiment(backend: Backend, config: SharedConfig, progress: bool = True) -> TriggerExperiment:
     """Find (or load from the cache) the triggers of chapters 2-4."""
-    _, _, localized = nemo_neurons(backend, config, progress)
-    items, localized = backend.memorized[: config.n_items], localized[: config.n_items]
+    if not backend.memorized:
+        raise ValueError(f"The {backend.name} backend has no memorized items to attack; check its max_items.")
+    items = backend.memorized[: config.n_items]
+    neurons = nemo_neurons(backend, config, items, progress)
     pool = backend.prompt_sets["nonmemorized"]
     start_prompts = list(np.random.default_rng(0).choice(pool, config.n_prompt_starts, replace=False))
-    params = {**nemo.cache_key(backend, backend.memorized, config.n_statistics, config.n_calibration),
-              "attacked": [item.id for item in items], "n_random": config.n_random, "start_prompts": start_prompts,
+    params = {**nemo.cache_key(backend, items, config.n_statistics, config.n_calibration),
+              "n_random": config.n_random, "start_prompts": start_prompts,
               "steps": config.attack_steps, "seeds": list(config.eval_seeds)}
     triggers = results.cached(
         results.results_dir(backend.name) / "cache", "triggers", params,
-        lambda: collect_triggers(backend, items, nemo.per_item_blocking(backend, localized), config.n_random,
+        lambda: collect_triggers(backend, items, nemo.per_item_blocking(backend, neurons.per_item), config.n_random,
                                  start_prompts, config.attack_steps, config.eval_seeds, progress=progress))
-    return TriggerExperiment(backend, config, items, localized, triggers)
+    return TriggerExperiment(backend, config, items, neurons, triggers)
+
+
+def describe_triggers(experiment: TriggerExperiment) -> str:
+    triggers = experiment.triggers
+    return (f"{len(triggers.triggers)} triggers for {len(experiment.items)} memorized items "
+            f"({triggers.replicates.sum().item()} replicate under NeMo's blocking); random starts drawn with "
+            f"s = {experiment.backend.embedding_spread}")
+
+
+def triggers_of_one_image(experiment: TriggerExperiment, limit: int | None = None):
+    """The attacked item with the most replicating triggers, and those triggers (Y_adv of chapters 3 and 4).
+
+    With fewer than two replicating triggers every attack result of that item is used, so that the analyses
+    still have pairs to compare; the count of replicating ones says which case it is.
+    """
+    triggers = experiment.triggers
+    counts = {item.id: len(triggers.of(item.id)) for item in experiment.items}
+    item = max(experiment.items, key=lambda item: counts[item.id])
+    found = triggers.of(item.id) if counts[item.id] > 1 else triggers.of(item.id, successful_only=False)
+    return item, found[:limit], counts[item.id]
+
+
+def trigger_generations(experiment: TriggerExperiment, per_item: int = 6, seed: int | None = None):
+    """Per attacked item: its training image and the generations of its first ``per_item`` triggers, under the
+    item's NeMo blocking, with a caption (start kind, score) for each."""
+    from dori_utils.sampling import generate
+
+    triggers, backend = experiment.triggers, experiment.backend
+    seed = experiment.config.eval_seeds[0] if seed is None else seed
+    rows, captions = [], []
+    for item, localized in zip(experiment.items, experiment.localized):
+        chosen = [j for j, x in enumerate(triggers.item_ids) if x == item.id][:per_item]
+        with torch.no_grad(), nemo.block(backend, localized.neurons):
+            images = generate(backend, triggers.triggers[chosen], [seed] * len(chosen)).images
+        rows.append([item.references[0], *images])
+        captions.append(["", *(f"{triggers.start_kinds[j][:6]} {triggers.scores[j]:.2f}" for j in chosen)])
+    return rows, captions

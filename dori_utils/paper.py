@@ -76,6 +76,9 @@ NUMBERS: dict[str, PaperNumber] = {
     "nemo.threshold": PaperNumber(0.428, source="NeMo's code, SD v1.4 (exact)"),
     "nemo.timestep": PaperNumber(961, source="NeMo's code, SD v1.4 (exact)"),
     "wen.auc": PaperNumber(0.99, source="Wen et al.'s notebook, SD v1.4 (exact)"),
+    # trigger spread (Section 4): 100 random N(0, I) starts for one image, every one a trigger after 50 steps
+    "trigger_spread.random_starts": PaperNumber(100, source="Section 4, t-SNE figure (exact)"),
+    "trigger_spread.share": PaperNumber(1.00, source="Section 4, t-SNE figure (exact)"),
 }
 
 
@@ -94,6 +97,14 @@ def series(prefix: str) -> list[float]:
     if not values:
         raise KeyError(f"The paper has no row {prefix!r}")
     return values
+
+
+def series_table(prefixes: list[str], column: str = "layer"):
+    """The paper's per-layer (or per-step) rows as a table, one row per prefix, columns numbered from 1."""
+    rows = {prefix: series(prefix) for prefix in prefixes}
+    width = max(len(values) for values in rows.values())
+    return pd.DataFrame([values + [None] * (width - len(values)) for values in rows.values()], index=list(rows),
+                        columns=pd.Index(range(1, width + 1), name=column))
 
 
 def beside_paper(ours: dict, settings: list[str], sources: dict[str, str] | None = None) -> pd.DataFrame:

@@ -90,3 +90,87 @@ def score_matrix(scores, row_labels: list[str], col_labels: list[str], threshold
     ax.set_title(title, fontsize=9)
     ax.figure.colorbar(image, ax=ax, shrink=0.8, label=f"replication score (bold: > {threshold})")
     return ax
+
+
+# ----------------------------------------------------------------------------------------- chapters 2-4
+
+def trigger_map(projections: dict[str, np.ndarray], groups: dict[str, slice], n_triggers: int):
+    """Two-dimensional maps of starts, triggers, memorized and ordinary prompts (one panel per projection), a
+    thin line from each start to the trigger it became."""
+    colours = {"start": OKABE_ITO[1], "trigger": OKABE_ITO[0], "memorized prompt": OKABE_ITO[5],
+               "ordinary prompt": "#999999"}
+    fig, axes = plt.subplots(1, len(projections), figsize=(5.5 * len(projections), 4.6), squeeze=False)
+    for ax, (method, xy) in zip(axes[0], projections.items()):
+        for k in range(n_triggers):
+            ax.plot([xy[k, 0], xy[n_triggers + k, 0]], [xy[k, 1], xy[n_triggers + k, 1]], color="#bbbbbb", lw=0.6,
+                    zorder=1)
+        for name, part in groups.items():
+            ax.scatter(xy[part, 0], xy[part, 1], s=10 if name == "ordinary prompt" else 22, color=colours[name],
+                       label=name, marker="x" if name == "trigger" else "o", zorder=2)
+        ax.set_title({"umap": "UMAP", "tsne": "t-SNE"}.get(method, method), fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.suptitle("Triggers (crosses) stay next to their starts (blue), far from the memorized prompts (red)",
+                 fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def distance_distributions(distances: dict[str, "torch.Tensor"]):
+    """Box plots of L2 distance distributions in embedding space, one per named distribution."""
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    horizontal_boxplot(ax, [d.numpy() for d in distances.values()], list(distances), widths=0.6)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.set_xlabel("L2 distance in embedding space")
+    ax.set_title("Distances between triggers, starts and prompts", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+_METHOD_LAYERS = {"nemo": "NeMo (attn2.to_v outputs)", "wanda": "Wanda (ff.net.2 inputs)"}
+_SETS = {"Y_adv": "Y_adv: triggers of one image", "Y_mem": "Y_mem: different memorized prompts"}
+
+
+def discrepancy_beside_paper(discrepancy: dict, paper_rows: dict):
+    """Activation discrepancy per layer, Y_adv beside Y_mem: ours (left, one row per method) and the paper's
+    (right, hatched: read from its plot). ``paper_rows[method] = (Y_adv values, Y_mem values)``."""
+    fig, axes = plt.subplots(len(discrepancy), 2, figsize=(11, 3 * len(discrepancy)), squeeze=False)
+    for row, (method, frame) in enumerate(discrepancy.items()):
+        for ax, values, labels, source in (
+                (axes[row][0], (frame["Y_adv"], frame["Y_mem"]), list(frame.index), "organism (ours)"),
+                (axes[row][1], paper_rows[method], [str(i + 1) for i in range(len(paper_rows[method][0]))],
+                 "paper, SD v1.4 (approximate, read from a plot)")):
+            x = np.arange(len(labels))
+            hatch = {"hatch": "//", "edgecolor": "white"} if ax is axes[row][1] else {}
+            ax.bar(x - 0.2, values[0], 0.4, color=OKABE_ITO[0], label=_SETS["Y_adv"], **hatch)
+            ax.bar(x + 0.2, values[1], 0.4, color=OKABE_ITO[4], label=_SETS["Y_mem"], **hatch)
+            ax.set_xticks(x, labels, fontsize=7, rotation=15)
+            ax.set_xlabel("layer")
+            ax.set_ylabel("mean pairwise L2")
+            ax.set_title(f"{source}: {_METHOD_LAYERS[method]}", fontsize=9)
+    axes[0][0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def selection_iou(iou_table, sparsity: float):
+    """Mean pairwise IoU of the selected sets per layer, Y_adv beside Y_mem, one panel per method; bars where
+    some pairs were both empty (IoU 1 by definition) say which share."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    titles = {"nemo": "NeMo (value neurons)", "wanda": f"Wanda {sparsity:.0%} (ff.net.2 weights)"}
+    for ax, method in zip(axes, ("nemo", "wanda")):
+        part = iou_table[iou_table.method == method]
+        for offset, (name, colour) in zip((-0.2, 0.2), (("Y_adv", OKABE_ITO[0]), ("Y_mem", OKABE_ITO[4]))):
+            sub = part[part.set == name]
+            bars = ax.bar(sub.layer + offset, sub.IoU, 0.4, color=colour, label=_SETS[name])
+            for bar, empty in zip(bars, sub["both empty"]):
+                if empty > 0:
+                    ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, f"{empty:.0%}\nempty",
+                            ha="center", fontsize=6)
+        ax.set_ylim(0, 1.25)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("mean pairwise IoU")
+        ax.set_title(titles[method], fontsize=9)
+    axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig

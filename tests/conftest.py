@@ -29,3 +29,9 @@ def tiny_backend(tiny_organism_dir):
     backend = load_backend("organism", device="cpu", path=tiny_organism_dir)
     backend.num_inference_steps = 4
     return backend
+
+
+@pytest.fixture
+def generator():
+    """A seeded torch generator: tests that draw random tensors draw them from here, never the global one."""
+    return torch.Generator().manual_seed(0)
