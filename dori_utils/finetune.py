@@ -54,7 +54,6 @@ import dataclasses
 import hashlib
 import json
 import platform
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,9 +201,7 @@ def make_pairs(backend, images: torch.Tensor, captions: list[str], batch_size: i
 
 def organism_pairs(backend, kinds=("ordinary", "natural"), max_pairs: int | None = None, seed: int = 0) -> TrainingPairs:
     """The organism's own non-memorized training pairs (scenes and natural photographs): its LAION."""
-    from dori_utils.backends import organism_training_data
-
-    samples = [s for s in organism_training_data(backend) if s.kind in kinds]
+    samples = [s for s in backend.training_samples() if s.kind in kinds]
     if max_pairs is not None and max_pairs < len(samples):
         keep = np.random.default_rng(seed).choice(len(samples), max_pairs, replace=False)
         samples = [samples[i] for i in sorted(keep)]
@@ -357,16 +354,14 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
         unet = unet.to(backend.dtype)
     return FinetuneResult(_with_unet(backend, unet), dataclasses.asdict(config), history,
                           adversarial.cpu(), adversarial_owner,
-                          {"backend": backend.name, "from": str(backend.info.get("path") or backend.info.get("model_id"))})
+                          {"backend": backend.name, "from": backend.source})
 
 
 # --------------------------------------------------------------------------------------------- saving, caching
 
 def _with_unet(backend, unet):
     """A copy of ``backend`` with another UNet; its fingerprint (the cache key of other chapters) follows the weights."""
-    info = {**backend.info, "fingerprint": f"finetuned-{weights_fingerprint(unet)}",
-            "finetuned_from": backend.info.get("fingerprint")}
-    return dataclasses.replace(backend, unet=unet, info=info)
+    return backend.with_unet(unet, f"finetuned-{weights_fingerprint(unet)}")
 
 
 def weights_fingerprint(unet) -> str:
@@ -381,33 +376,16 @@ def tensor_fingerprint(x: torch.Tensor) -> str:
     return hashlib.sha1(x.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
-def save_finetuned(result, out_dir, source_dir=None, key: dict | None = None) -> Path:
-    """Write a fine-tuned model in its backend's format (see the module docstring); returns ``out_dir``.
-
-    ``result`` is a :class:`FinetuneResult` (its configuration and curves go to ``finetune.json``) or a Backend.
-    ``source_dir``: the organism checkpoint it came from (default: the backend's own path).
-    """
+def save_finetuned(result, out_dir, key: dict | None = None) -> Path:
+    """Write a fine-tuned model in its backend's format (``Backend.save_pretrained``), with ``finetune.json``
+    (configuration, curves, cache key); returns ``out_dir``. ``result`` is a :class:`FinetuneResult` or a Backend."""
     backend = result.backend if isinstance(result, FinetuneResult) else result
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     record = {"backend": backend.name, "key": key or {}}
     if isinstance(result, FinetuneResult):
         record.update(config=result.config, history=result.history, source=result.source)
-    backend.unet.save_pretrained(out / "unet", safe_serialization=True)
-    if backend.name == "organism":
-        source = Path(source_dir or backend.info["path"])
-        for folder in ("scheduler", "references"):
-            if (out / folder).exists():
-                shutil.rmtree(out / folder)
-            shutil.copytree(source / folder, out / folder)
-        manifest = json.loads((source / "manifest.json").read_text())
-        manifest["finetune"] = {"from": str(source), "config": record.get("config"),
-                                "seconds": record.get("history", {}).get("total_seconds")}
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    else:
-        backend.scheduler.save_pretrained(out / "scheduler")
-        for name in ("vae", "text_encoder", "tokenizer"):
-            backend.info[name].save_pretrained(out / name)
+    finetuned = {"from": record.get("source", {}).get("from", backend.source), "config": record.get("config"),
+                 "seconds": record.get("history", {}).get("total_seconds")}
+    out = backend.save_pretrained(out_dir, manifest_updates={"finetune": finetuned})
     (out / FINETUNE_FILE).write_text(json.dumps(record, indent=1, default=float))
     return out
 

@@ -26,10 +26,11 @@ import pandas as pd
 import torch
 
 from dori_utils import data
-from dori_utils.backends import SD_MODEL_ID, Backend, BackendError, MemorizedItem, default_device, hub_offline
+from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device, hub_offline
 from dori_utils.metrics import SSCD_URL, load_sscd, sscd_scorer
 
 # The Dori paper's attack learning rate (0.1) was set for CLIP embeddings, so CLIP's spread is 1 by definition.
+SD_MODEL_ID = "CompVis/stable-diffusion-v1-4"
 CLIP_EMBEDDING_SPREAD = 1.0
 VAE_BATCH = 8  # images per VAE pass: 512 px activations of larger batches crowd a small GPU
 
@@ -94,6 +95,13 @@ def _unmemorized_prompts(unmemorized_table) -> list[str]:
     if unmemorized_table is None:
         return data.load_nemo_unmemorized()["prompt"].tolist()
     return data.load_nemo_unmemorized(unmemorized_table, expected_rows=None)["prompt"].tolist()
+
+
+def save_sd_components(backend: Backend, out: Path, manifest_updates: dict) -> None:
+    """Everything but the UNet in the layout of a diffusers pipeline folder, so ``model_id=out`` loads it."""
+    backend.scheduler.save_pretrained(out / "scheduler")
+    for name in ("vae", "text_encoder", "tokenizer"):
+        getattr(backend, name).save_pretrained(out / name)
 
 
 def reference_generations(backend: Backend, prompts: list[str], seeds) -> torch.Tensor:
@@ -186,8 +194,12 @@ def load_stable_diffusion(
         guidance_scale=7.0,
         device=device,
         dtype=dtype,
-        info={"model_id": str(model_id), "fingerprint": str(model_id), "image_size": image_size, "vae": vae, "tokenizer": tokenizer,
-              "text_encoder": text_encoder, "memorized_table": table, "reference_seeds": ()},
+        source=str(model_id),
+        fingerprint=str(model_id),
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        save_components=save_sd_components,
     )
     ids, prompts = table["id"].astype(str).tolist(), table["prompt"].tolist()
     if ground_truth_dir is not None:
@@ -195,7 +207,7 @@ def load_stable_diffusion(
         references, source = [ground_truth[i] for i in ids], "user-supplied ground truth"
     elif len(reference_seeds) and ids:
         references = list(reference_generations(backend, prompts, reference_seeds))
-        source, backend.info["reference_seeds"] = "unmitigated model's generation", tuple(reference_seeds)
+        source, backend.reference_seeds = "unmitigated model's generation", tuple(reference_seeds)
     else:
         references, source = [torch.empty(0, 3, image_size, image_size)] * len(ids), "none"
     backend.memorized = [

@@ -74,7 +74,7 @@ def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_p
     key = {"config": SMALL, "source": finetune.weights_fingerprint(tiny_backend.unet)}
     result = finetune.finetune_cached(tiny_backend, tmp_path / "ft", key, compute)
     loaded = load_backend("organism", device="cpu", path=tmp_path / "ft")
-    assert loaded.info["manifest"]["finetune"]["config"]["lr"] == SMALL["lr"]
+    assert loaded.manifest["finetune"]["config"]["lr"] == SMALL["lr"]
     assert [m.id for m in loaded.memorized] == [m.id for m in tiny_backend.memorized]
 
     generator = torch.Generator().manual_seed(0)

@@ -101,11 +101,12 @@ def test_unknown_backend_lists_the_choices():
 
 
 def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path, monkeypatch):
-    from dori_utils import backends, pilots
+    from dori_utils import pilots
+    from dori_utils.organism import backend as organism_backend
 
     counts = []
-    original = backends._attribute_accuracy  # the organism's utility, bound when measure() loads the checkpoint
-    monkeypatch.setattr(backends, "_attribute_accuracy",
+    original = organism_backend._attribute_accuracy  # the organism's utility, bound when measure() loads the checkpoint
+    monkeypatch.setattr(organism_backend, "_attribute_accuracy",
                         lambda images, captions: counts.append((len(images), len(captions))) or original(images, captions))
     row = pilots.measure(tiny_organism_dir, n_heldout=4, n_attacked=1, attack_steps=2, max_items=2,
                          num_inference_steps=2, progress=False)
@@ -143,3 +144,35 @@ def test_max_items_limits_the_organism_and_offline_is_set_for_it_only(tiny_organ
     assert "HF_HUB_OFFLINE" not in os.environ
     prepare_environment("organism")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def _imported_modules(path):
+    import ast
+
+    tree = ast.parse(open(path).read())
+    return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module} | {
+        alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+
+
+def test_loaders_and_backends_do_not_import_each_other():
+    from pathlib import Path
+
+    import dori_utils
+
+    package = Path(dori_utils.__file__).parent
+    for loader in ("sd.py", "organism/backend.py"):
+        assert "dori_utils.backends" not in _imported_modules(package / loader), loader
+    assert {m for m in _imported_modules(package / "backends.py") if m.startswith("dori_utils")} == {
+        "dori_utils.backend_types"}
+
+
+def test_a_backend_saved_with_save_pretrained_loads_back_with_its_weights(tiny_backend, tmp_path):
+    out = tiny_backend.save_pretrained(tmp_path / "copy", manifest_updates={"note": "a copy"})
+    loaded = load_backend("organism", device="cpu", path=out)
+    assert loaded.manifest["note"] == "a copy" and loaded.fingerprint == tiny_backend.fingerprint
+    assert [m.id for m in loaded.memorized] == [m.id for m in tiny_backend.memorized]
+    for (name, a), b in zip(tiny_backend.unet.state_dict().items(), loaded.unet.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = tiny_backend.with_unet(loaded.unet, "other-weights")
+    assert other.unet is loaded.unet and other.fingerprint == "other-weights"
+    assert tiny_backend.fingerprint != "other-weights" and tiny_backend.unet is not loaded.unet

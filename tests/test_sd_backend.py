@@ -96,7 +96,8 @@ def test_loads_through_load_backend(backend):
     assert {m.kind for m in backend.memorized} == {"VM"}
     assert backend.embedding_shape == (77, 32)
     assert backend.latent_shape == (4, 8, 8)
-    assert backend.info["image_size"] == 16
+    assert backend.memorized[0].references.shape[-2:] == (16, 16)  # the VAE's 8 x 8 latents decode to 16 x 16
+    assert backend.vae is not None and backend.tokenizer is not None and backend.manifest is None
     assert (backend.num_inference_steps, backend.guidance_scale, backend.replication_threshold) == (50, 7.0, 0.7)
     assert backend.embedding_spread == 1.0
     assert len(backend.prompt_sets["nonmemorized"]) == 4

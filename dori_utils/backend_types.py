@@ -1,0 +1,124 @@
+"""The types every backend shares: :class:`Backend`, :class:`MemorizedItem` and :class:`BackendError`.
+
+A :class:`Backend` bundles what every method in the book needs, whatever the model:
+
+- ``encode_prompts(prompts) -> N x L x D`` conditioning embeddings, and ``empty_embedding()``;
+- ``unet`` (a diffusers ``UNet2DConditionModel``) and ``scheduler`` (DDIM, for sampling; its
+  ``alphas_cumprod`` define the forward process for attacks and fine-tuning);
+- ``to_model_space`` / ``to_image_space``: images in [0, 1] <-> what the UNet denoises (SD: VAE latents times
+  the VAE's scaling factor; the organism: pixels in [-1, 1]);
+- ``replication_score(generated, reference)`` and ``replication_threshold``;
+- ``memorized``: the memorized items (id, prompt, kind VM/TM, reference images) and ``prompt_sets`` of
+  non-memorized prompts;
+- ``embedding_spread``: the per-dimension standard deviation of prompt embeddings, which scales the attack's
+  learning rate and its random initialisations (about 1 for CLIP, about 0.4 for MiniLM);
+- capabilities that only some models have (a utility measure, never-seen images, the training data), so that
+  chapters ask the backend instead of testing its name.
+
+The loaders live with their models (``organism/backend.py``, ``sd.py``); ``backends.load_backend`` picks one.
+This module imports neither, so nothing imports in a circle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+
+class BackendError(RuntimeError):
+    """A backend cannot be loaded; the message says what to do."""
+
+
+@dataclass
+class MemorizedItem:
+    id: str
+    prompt: str
+    kind: str  # "VM" (verbatim) or "TM" (template)
+    references: torch.Tensor  # R x 3 x H x W in [0, 1]
+    reference_source: str  # "training image", "user-supplied ground truth" or "unmitigated model's generation"
+
+
+@dataclass
+class Backend:
+    name: str
+    unet: torch.nn.Module
+    scheduler: object
+    encode_prompts: Callable[[list[str]], torch.Tensor]
+    to_model_space: Callable[[torch.Tensor], torch.Tensor]
+    to_image_space: Callable[[torch.Tensor], torch.Tensor]
+    replication_score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    replication_threshold: float
+    replication_metric: str
+    memorized: list[MemorizedItem]
+    prompt_sets: dict[str, list[str]]
+    embedding_shape: tuple[int, int]
+    latent_shape: tuple[int, int, int]
+    embedding_spread: float
+    num_inference_steps: int
+    guidance_scale: float
+    device: torch.device
+    dtype: torch.dtype
+    # Where the weights come from and what identifies them (cache keys follow the fingerprint).
+    source: str = ""  # a checkpoint folder or a Hub id
+    fingerprint: str = ""
+    # Components other modules need; None where the model has none (the organism denoises pixels: no VAE).
+    tokenizer: object = None
+    text_encoder: torch.nn.Module | None = None
+    vae: torch.nn.Module | None = None
+    manifest: dict | None = None  # the organism's manifest.json (training recipe, sampling, items)
+    reference_seeds: tuple[int, ...] = ()  # seeds of the references, where they are the model's own generations
+    # Writes everything but the UNet in the model's own format (see save_pretrained).
+    save_components: Callable[["Backend", Path, dict], None] | None = None
+    # What only some models have; a chapter asks the backend, never its name.
+    utility_name: str | None = None  # e.g. "attribute accuracy"
+    utility: Callable[[torch.Tensor, list[str]], float] | None = None  # images N x 3 x H x W in [0, 1], their prompts
+    never_seen_items: Callable[[], list[MemorizedItem]] = list  # images outside the training data: the attack's control
+    template_items: Callable[[], list[MemorizedItem]] = list  # template-memorized (TM) items, all variants as references
+    training_samples: Callable[[], list] | None = None  # the training pairs, where the book has them
+    training_recipe: dict | None = None  # how the training set was built (sizes, shares), where the book built it
+    _empty: torch.Tensor | None = None
+
+    def empty_embedding(self) -> torch.Tensor:
+        """The empty prompt's embedding, 1 x L x D (the unconditional branch of guidance)."""
+        if self._empty is None:
+            self._empty = self.encode_prompts([""])
+        return self._empty
+
+    @property
+    def attack_learning_rate(self) -> float:
+        """The paper's Adam learning rate of 0.1 for CLIP embeddings, scaled by this encoder's spread."""
+        return 0.1 * self.embedding_spread
+
+    def with_unet(self, unet: torch.nn.Module, fingerprint: str) -> "Backend":
+        """A copy of this backend with another UNet (e.g. fine-tuned); ``fingerprint`` identifies its weights."""
+        return dataclasses.replace(self, unet=unet, fingerprint=fingerprint, _empty=None)
+
+    def save_pretrained(self, out_dir: str | Path, manifest_updates: dict | None = None) -> Path:
+        """Write the model in its own diffusers format, loadable by its loader: ``unet/`` (safetensors) and the
+        rest (SD: scheduler, VAE, text encoder, tokenizer; the organism: scheduler, references, manifest with
+        ``manifest_updates`` merged in)."""
+        if self.save_components is None:
+            raise NotImplementedError(f"The {self.name} backend cannot be saved.")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.unet.save_pretrained(out / "unet", safe_serialization=True)
+        self.save_components(self, out, manifest_updates or {})
+        return out
+
+    def memorized_item(self, item_id: str) -> MemorizedItem:
+        for item in self.memorized:
+            if item.id == item_id:
+                return item
+        raise KeyError(f"No memorized item {item_id!r}; known: {[m.id for m in self.memorized]}")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")

@@ -1,0 +1,168 @@
+"""The organism as a :class:`~dori_utils.backend_types.Backend`: ``load_organism`` reads the diffusers-format
+checkpoint in ``data/organism`` (or another folder) and binds the organism's capabilities (attribute accuracy,
+never-seen photographs, template items, the training data rebuilt from its recipe)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device
+
+DEFAULT_ORGANISM_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "organism"
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[MemorizedItem]:
+    return [
+        MemorizedItem(m["id"], m["prompt"], m["kind"], torch.stack([_read_png(path / r) for r in m["references"]]),
+                      "training image")
+        for m in manifest["memorized"] if m["kind"] in kinds
+    ]
+
+
+def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,
+                  max_items: int | None = None) -> Backend:
+    """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
+    folder named by the environment variable ``DORI_ORGANISM_DIR``.
+
+    ``vm_only`` keeps the verbatim-memorized items, as for SD (the paper's numbers are for VM prompts); with
+    ``vm_only=False`` the template-memorized ones (several reference variants each) follow them."""
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from dori_utils.metrics import ssim_score
+    from dori_utils.organism.model import encode_text, load_text_encoder
+
+    path = Path(path or os.environ.get("DORI_ORGANISM_DIR") or DEFAULT_ORGANISM_DIR)
+    device = torch.device(device or default_device())
+    manifest_path = path / "manifest.json"
+    if not (path / "unet" / "config.json").exists() or not manifest_path.exists():
+        raise BackendError(
+            f"No organism checkpoint in {path} (needs unet/, scheduler/ and manifest.json). The repository ships one "
+            "in data/organism: check out the full repository, or retrain it with "
+            "`python -m dori_utils.organism.train --out data/organism` (about 45 minutes on 2 CPU cores)."
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        unet = UNet2DConditionModel.from_pretrained(path / "unet", local_files_only=True, torch_dtype=dtype)
+        scheduler = DDIMScheduler.from_pretrained(path / "scheduler", local_files_only=True)
+    except Exception as error:
+        raise BackendError(
+            f"The organism checkpoint in {path} is corrupt or incomplete ({type(error).__name__}: {error}). "
+            "Restore it with `git checkout -- data/organism`, or retrain it with "
+            "`python -m dori_utils.organism.train --out data/organism`."
+        ) from error
+    unet = unet.to(device).eval().requires_grad_(False)
+    tokenizer, encoder = load_text_encoder(device)
+
+    def encode_prompts(prompts: list[str]) -> torch.Tensor:
+        if len(prompts) == 0:
+            raise ValueError("encode_prompts needs at least one prompt")
+        return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
+
+    memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))[:max_items]
+    recipe = manifest["data_recipe"]
+    prompt_sets = {
+        "heldout_ordinary": recipe["held_out_scene_captions"],
+        "unseen_natural": manifest["unseen_natural_captions"],
+        "training_ordinary": manifest["training_captions"]["ordinary"],
+        "training_natural": manifest["training_captions"]["natural"],
+    }
+    prompt_sets["nonmemorized"] = prompt_sets["heldout_ordinary"] + prompt_sets["unseen_natural"]
+    prompt_sets["utility"] = prompt_sets["heldout_ordinary"]  # scene captions, which the attribute checker reads
+    # NeMo's statistics come from LAION prompts the model was trained on but did not memorize.
+    prompt_sets["statistics"] = prompt_sets["training_ordinary"] + prompt_sets["training_natural"]
+    # The spread scales the attack's learning rate and random starts: measure it on the training captions.
+    spread_sample = prompt_sets["statistics"][:: max(1, len(prompt_sets["statistics"]) // 256)]
+    embedding_spread = round(encode_prompts(spread_sample).float().std().item(), 3)
+    size = manifest["image_size"]
+    backend = Backend(
+        name="organism",
+        unet=unet,
+        scheduler=scheduler,
+        encode_prompts=encode_prompts,
+        to_model_space=lambda images: images.to(device, dtype) * 2 - 1,
+        to_image_space=lambda x: ((x.float() + 1) / 2).clamp(0, 1),
+        replication_score=ssim_score,
+        replication_threshold=float(manifest.get("replication_threshold", 0.7)),
+        replication_metric="SSIM (32x32 RGB, Gaussian window 7, sigma 1.5)",
+        memorized=memorized,
+        prompt_sets=prompt_sets,
+        embedding_shape=(16, 384),
+        latent_shape=(3, size, size),
+        embedding_spread=embedding_spread,
+        num_inference_steps=int(manifest.get("sampling", {}).get("num_inference_steps", 20)),
+        guidance_scale=float(manifest.get("sampling", {}).get("guidance_scale", 2.0)),
+        device=device,
+        dtype=dtype,
+        source=str(path),
+        fingerprint=_file_digest(path / "unet" / "diffusion_pytorch_model.safetensors"),
+        tokenizer=tokenizer,
+        text_encoder=encoder,
+        manifest=manifest,
+        save_components=save_organism_components,
+        utility_name="attribute accuracy",
+        utility=_attribute_accuracy,
+        training_recipe=recipe,
+    )
+    backend.never_seen_items = lambda: organism_unseen_items(backend)
+    backend.template_items = lambda: organism_template_items(backend)
+    backend.training_samples = lambda: organism_training_data(backend)
+    return backend
+
+
+def _attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> float:
+    from dori_utils.organism.attributes import attribute_accuracy
+
+    return attribute_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), list(prompts))["overall"]
+
+
+def organism_training_data(backend: Backend):
+    """Rebuild the organism's training samples from its manifest's recipe (deterministic, about 2 s)."""
+    from dori_utils.organism.data import build_dataset
+
+    config = backend.manifest["train_config"]
+    samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
+                               config["n_crops"], config["n_faces"], config.get("shared_caption_words", False))
+    return samples
+
+
+def organism_template_items(backend: Backend) -> list[MemorizedItem]:
+    """The organism's template-memorized (TM) items, each with all its training variants as references."""
+    return _organism_items(Path(backend.source), backend.manifest, ("TM",))
+
+
+def organism_unseen_items(backend: Backend) -> list[MemorizedItem]:
+    """Photographs the organism never saw, as items with a caption and a reference: the attack's control."""
+    from dori_utils.organism.data import unseen_images
+
+    return [
+        MemorizedItem(name, caption, "none", torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255,
+                      "never in training")
+        for name, (image, caption) in unseen_images(organism_training_data(backend)).items()
+    ]
+
+
+def save_organism_components(backend: Backend, out: Path, manifest_updates: dict) -> None:
+    """Everything but the UNet, as ``load_organism`` reads it: the scheduler, the reference images and the
+    manifest (with ``manifest_updates``, e.g. how it was fine-tuned)."""
+    source = Path(backend.source)
+    for folder in ("scheduler", "references"):
+        if (out / folder).resolve() != (source / folder).resolve():
+            if (out / folder).exists():
+                shutil.rmtree(out / folder)
+            shutil.copytree(source / folder, out / folder)
+    (out / "manifest.json").write_text(json.dumps({**backend.manifest, **manifest_updates}, indent=1))
