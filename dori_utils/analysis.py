@@ -145,6 +145,12 @@ class TriggerSet:
         keep = [i for i, x in enumerate(self.item_ids) if x == item_id and (self.replicates[i] or not successful_only)]
         return self.triggers[keep]
 
+    def comparable(self, item_id: str) -> torch.Tensor:
+        """The item's replicating triggers, or all its attack results when fewer than two replicate, so that an
+        analysis of pairs still has pairs (and shows where the attack ended)."""
+        found = self.of(item_id)
+        return found if len(found) > 1 else self.of(item_id, successful_only=False)
+
 
 def collect_triggers(backend, items, row_context, n_random: int, start_prompts: list[str], steps: int = 50,
                      seeds=(0, 1), seed: int = 0, progress: bool = False) -> TriggerSet:
@@ -187,7 +193,7 @@ def trigger_distances(triggers: TriggerSet, prompt_embeddings: dict[str, torch.T
     ids = sorted(set(triggers.item_ids), key=triggers.item_ids.index)
     same, starts = [], []
     for item_id in ids:
-        found = triggers.of(item_id) if len(triggers.of(item_id)) > 1 else triggers.of(item_id, successful_only=False)
+        found = triggers.comparable(item_id)
         if len(found) > 1:
             same.append(pairwise_distances(found))
         random = [i for i, (x, kind) in enumerate(zip(triggers.item_ids, triggers.start_kinds))

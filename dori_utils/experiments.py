@@ -83,8 +83,7 @@ def trigger_experiment(backend: Backend, config: SharedConfig, progress: bool = 
         raise ValueError(f"The {backend.name} backend has no memorized items to attack; check its max_items.")
     items = backend.memorized[: config.n_items]
     neurons = nemo_neurons(backend, config, items, progress)
-    pool = backend.prompt_sets["nonmemorized"]
-    start_prompts = list(np.random.default_rng(0).choice(pool, config.n_prompt_starts, replace=False))
+    start_prompts = sample_prompts(backend, "nonmemorized", config.n_prompt_starts, seed=0)
     params = {**nemo.cache_key(backend, items, config.n_statistics, config.n_calibration),
               "n_random": config.n_random, "start_prompts": start_prompts,
               "steps": config.attack_steps, "seeds": list(config.eval_seeds)}
@@ -111,8 +110,7 @@ def triggers_of_one_image(experiment: TriggerExperiment, limit: int | None = Non
     triggers = experiment.triggers
     counts = {item.id: len(triggers.of(item.id)) for item in experiment.items}
     item = max(experiment.items, key=lambda item: counts[item.id])
-    found = triggers.of(item.id) if counts[item.id] > 1 else triggers.of(item.id, successful_only=False)
-    return item, found[:limit], counts[item.id]
+    return item, triggers.comparable(item.id)[:limit], counts[item.id]
 
 
 def trigger_generations(experiment: TriggerExperiment, per_item: int = 6, seed: int | None = None):

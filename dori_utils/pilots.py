@@ -81,8 +81,9 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     row["attribute_accuracy"] = backend.utility(images, heldout)
     row["heldout_max_score"] = score_against_all_references(backend, images)[0].max().item()
 
-    statistics, threshold, localized = nemo.find_neurons(backend, items, progress=progress)
-    n_value = sum(len(m) for m in statistics.mean.values())
+    search = nemo.find_neurons(backend, items, progress=progress)
+    statistics, threshold, localized = search
+    n_value = search.n_value_neurons
     needed = [k for k, _ in nemo.neurons_needed(backend, items, statistics, seeds=EVAL_SEEDS[:1]) if k > 0]
     row["zorder_share_median"] = float(np.median(needed)) / n_value if needed else None
     row["zorder_share_min"] = min(needed) / n_value if needed else None
