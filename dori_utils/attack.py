@@ -1,6 +1,7 @@
 """The Dori attack: optimise a conditioning embedding until the model denoises towards a memorized image.
 
-Per step, each embedding gets a fresh batch of (noise, timestep) pairs, eps ~ N(0, I) and t ~ U{0, T-1}; the
+Per step, each embedding gets a fresh batch of (noise, timestep) pairs, eps ~ N(0, I) and t ~ U{0, T-1}, drawn
+from its own generator (so results do not depend on how many embeddings share a UNet call); the
 loss is the denoising MSE ||eps - eps_theta(x_t, t, y)||^2 on the noised target x_t in model space (for a
 v-prediction model such as the organism, the same MSE on the velocity target: ``noising.prediction_target``),
 and Adam updates y. Many embeddings are optimised at once: their losses are summed, and since Adam works element by
@@ -85,7 +86,9 @@ def dori_attack(
     optimizer = torch.optim.Adam([embedding], lr=lr)
     scheduler = backend.scheduler
     n_train = len(scheduler.alphas_cumprod)
-    generator = torch.Generator().manual_seed(seed)
+    # One generator per embedding: its (noise, timestep) pairs do not depend on which chunk it lands in, so the
+    # chunk size (a memory setting) never changes a result.
+    generators = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in range(len(embedding))]
     snapshots = {0: init.detach().cpu().clone()} if 0 in snapshot_steps else {}
     losses = []
     for step in tqdm(range(1, steps + 1), desc="Dori attack", disable=not progress):
@@ -94,15 +97,22 @@ def dori_attack(
         for start in range(0, len(embedding), chunk_size):
             y = embedding[start : start + chunk_size]
             n = len(y)
-            noise = torch.randn((n * batch_size, *x0.shape[1:]), generator=generator).to(device, dtype)
-            t = torch.randint(0, n_train, (n * batch_size,), generator=generator).to(device)
+            pairs = [_noise_pairs(generators[i], batch_size, x0.shape[1:], n_train) for i in range(start, start + n)]
+            noise = torch.cat([noise for noise, _ in pairs]).to(device, dtype)
+            t = torch.cat([t for _, t in pairs]).to(device)
             clean = x0[start : start + n].repeat_interleave(batch_size, dim=0)
             noisy = add_noise(scheduler, clean, noise, t)
             target = prediction_target(scheduler, clean, noise, t)
             condition = y.to(dtype).repeat_interleave(batch_size, dim=0)
             rows = torch.arange(start, start + n).repeat_interleave(batch_size)
-            with row_context(rows) if row_context is not None else contextlib.nullcontext():
-                prediction = backend.unet(noisy, t, condition).sample
+            try:
+                with row_context(rows) if row_context is not None else contextlib.nullcontext():
+                    prediction = backend.unet(noisy, t, condition).sample
+            except torch.cuda.OutOfMemoryError as error:
+                raise torch.cuda.OutOfMemoryError(
+                    f"The attack ran out of GPU memory with {n * batch_size} UNet rows at once (chunk_size={chunk_size} "
+                    f"embeddings x batch_size={batch_size} noise pairs). Lower chunk_size (a chapter's ATTACK_CHUNK); "
+                    "it changes no result.") from error
             per_embedding = (prediction.float() - target.float()).pow(2).flatten(1).mean(1).view(n, batch_size).mean(1)
             per_embedding.sum().backward()
             step_losses.append(per_embedding.detach().cpu())
@@ -111,6 +121,11 @@ def dori_attack(
         if step in snapshot_steps:
             snapshots[step] = embedding.detach().cpu().clone()
     return AttackResult(embedding.detach().cpu().to(init.dtype), init.detach().cpu(), torch.stack(losses), snapshots)
+
+
+def _noise_pairs(generator: torch.Generator, n: int, shape, n_train: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` (noise, timestep) pairs for one embedding at one step, from that embedding's own generator."""
+    return torch.randn((n, *shape), generator=generator), torch.randint(0, n_train, (n,), generator=generator)
 
 
 @torch.no_grad()

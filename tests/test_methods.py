@@ -81,6 +81,15 @@ def test_attack_tells_row_context_which_embedding_each_row_comes_from(tiny_backe
     assert [r.tolist() for r in seen[:2]] == [[0] * 4 + [1] * 4, [2] * 4]
 
 
+def test_the_attack_gives_the_same_triggers_whatever_the_chunk_size(tiny_backend):
+    target = tiny_backend.memorized[0].references.expand(3, -1, -1, -1)
+    init = attack.random_embeddings(tiny_backend, 3)
+    runs = [attack.dori_attack(tiny_backend, target, init, steps=2, batch_size=2, chunk_size=c) for c in (1, 3)]
+    assert torch.allclose(runs[0].embeddings, runs[1].embeddings, atol=1e-5)
+    assert torch.allclose(runs[0].losses, runs[1].losses, atol=1e-5)
+    assert not torch.allclose(runs[0].embeddings, init)  # the attack moved them
+
+
 def test_neurons_needed_reports_zero_for_prompts_that_do_not_replicate(tiny_backend):
     items = tiny_backend.memorized[:2]
     statistics = nemo.activation_statistics(tiny_backend, tiny_backend.prompt_sets["statistics"][:16])
