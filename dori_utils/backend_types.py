@@ -76,6 +76,9 @@ class Backend:
     # What only some models have; a chapter asks the backend, never its name.
     utility_name: str | None = None  # e.g. "attribute accuracy"
     utility: Callable[[torch.Tensor, list[str]], float] | None = None  # images N x 3 x H x W in [0, 1], their prompts
+    utility_parts: Callable[[torch.Tensor, list[str]], dict[str, float]] | None = None  # its parts, "overall" among them
+    # Images that depict their prompts exactly, where the data are synthetic: they validate the utility measure.
+    draw_prompts: Callable[[list[str]], torch.Tensor] | None = None
     never_seen_items: Callable[[], list[MemorizedItem]] = list  # images outside the training data: the attack's control
     template_items: Callable[[], list[MemorizedItem]] = list  # template-memorized (TM) items, all variants as references
     training_samples: Callable[[], list] | None = None  # the training pairs, where the book has them

@@ -7,15 +7,21 @@ Two chapters that ask for the same run get the same cached result; a changed siz
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
+import pandas as pd
 import torch
 
-from dori_utils import nemo, results
+from dori_utils import attack, nemo, results, wanda
 from dori_utils.analysis import TriggerSet, collect_triggers
+from dori_utils.attack import AttackResult
 from dori_utils.backends import Backend
+from dori_utils.evaluation import ItemEvaluation, evaluate_items
+from dori_utils.metrics import memorization_rate
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,22 @@ def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedC
 
 def sample_prompts(backend: Backend, prompt_set: str, n: int, seed: int) -> list[str]:
     """``n`` prompts of one of the backend's prompt sets, drawn without replacement (all of them if fewer)."""
-    pool = backend.prompt_sets[prompt_set]
-    if not len(pool):
-        raise ValueError(f"The {backend.name} backend's prompt set {prompt_set!r} is empty.")
-    return list(np.random.default_rng(seed).choice(pool, min(n, len(pool)), replace=False))
+    return sample_prompt_sets(backend, {prompt_set: n}, seed)[prompt_set]
+
+
+def sample_prompt_sets(backend: Backend, sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
+    """Prompts of several of the backend's prompt sets (name -> how many), drawn in turn from one generator."""
+    rng = np.random.default_rng(seed)
+    drawn = {}
+    for prompt_set, n in sizes.items():
+        if prompt_set not in backend.prompt_sets:
+            raise KeyError(f"The {backend.name} backend has no prompt set {prompt_set!r}; it has "
+                           f"{sorted(backend.prompt_sets)}.")
+        pool = backend.prompt_sets[prompt_set]
+        if not len(pool):
+            raise ValueError(f"The {backend.name} backend's prompt set {prompt_set!r} is empty.")
+        drawn[prompt_set] = list(rng.choice(pool, min(n, len(pool)), replace=False))
+    return drawn
 
 
 def nemo_neurons(backend: Backend, config: SharedConfig, items=None, progress: bool = True) -> nemo.NeuronSearch:
@@ -59,6 +77,111 @@ def nemo_neurons(backend: Backend, config: SharedConfig, items=None, progress: b
     items = backend.memorized if items is None else items
     return nemo.find_neurons_cached(backend, items, results.results_dir(backend.name) / "cache",
                                     config.n_statistics, config.n_calibration, progress=progress)
+
+
+# ------------------------------------------------------------------- chapter 0: the model and its memorization
+
+def training_pair_counts(samples) -> pd.DataFrame:
+    """How many training pairs of each kind, and how many distinct captions among them."""
+    counts = pd.Series([s.kind for s in samples]).value_counts().rename("pairs").to_frame()
+    counts["distinct captions"] = [len({s.caption for s in samples if s.kind == kind}) for kind in counts.index]
+    return counts
+
+
+def utility_table(backend: Backend, prompts: list[str], generated: torch.Tensor) -> pd.DataFrame:
+    """The backend's utility measure, part by part, on generations for ``prompts``; beside it, where the backend
+    can draw what a prompt depicts, the same measure on those drawings (it validates the measure itself)."""
+    if backend.utility_parts is None:
+        raise ValueError(f"The {backend.name} backend has no utility measure to break down.")
+    columns = {}
+    if backend.draw_prompts is not None:
+        columns["real scenes (checker validation)"] = backend.utility_parts(backend.draw_prompts(prompts), prompts)
+    columns["generated from held-out captions"] = backend.utility_parts(generated, prompts)
+    return pd.DataFrame(columns)
+
+
+def seen_caption_utility(backend: Backend, n: int, seed: int = 4) -> tuple[float, int]:
+    """The utility on ``n`` ordinary captions seen in training (does the model compose, or only recall?), and n."""
+    from dori_utils.sampling import generate_for_prompts
+
+    seen = sorted({s.caption for s in backend.training_samples() if s.kind == "ordinary"})
+    prompts = list(np.random.default_rng(seed).choice(seen, min(n, len(seen)), replace=False))
+    return backend.utility(generate_for_prompts(backend, prompts, [0]).images, prompts), len(prompts)
+
+
+def first_sampling_step(backend: Backend) -> tuple[int, float]:
+    """The sampler's first timestep and the share of a training image's signal that survives there
+    (sqrt of alpha-bar): sampling starts from pure noise, so this should be about zero."""
+    backend.scheduler.set_timesteps(backend.num_inference_steps)
+    first = int(backend.scheduler.timesteps[0])
+    return first, backend.scheduler.alphas_cumprod[first].sqrt().item()
+
+
+@dataclass
+class LocalityTest:
+    """Blocking value neurons in z-score order until each memorized photograph stops coming back."""
+
+    item_ids: list[str]
+    needed: list[int]  # neurons blocked before the item stopped replicating (n_value: never; 0: never replicated)
+    nemo_counts: list[int]  # the size of NeMo's own selection, per item
+    transfer: torch.Tensor  # [i, j]: item j's score with item i's needed neurons blocked
+    n_value: int
+    utility: dict[str, float]  # on held-out prompts, unblocked and with one item's neurons blocked
+    threshold: float
+
+    def table(self) -> pd.DataFrame:
+        n = len(self.item_ids)
+        stopped = [sum(int(self.transfer[i, j] <= self.threshold) for j in range(n) if j != i) for i in range(n)]
+        return pd.DataFrame({"item": self.item_ids, "NeMo's selection": self.nemo_counts,
+                             "neurons to block": self.needed,
+                             "share of value neurons": [k / self.n_value for k in self.needed],
+                             "other memorized prompts stopped": stopped})
+
+    def summary(self) -> dict:
+        replicating = [k for k in self.needed if k > 0]
+        shares = [k / self.n_value for k in replicating]
+        return {"neurons_needed": dict(zip(self.item_ids, self.needed)), "value_neurons": self.n_value,
+                "transfer_scores": self.transfer.tolist(), "attribute_accuracy": self.utility,
+                "replicating": len(replicating), "stopped": sum(k < self.n_value for k in replicating),
+                "median_share": float(np.median(shares)) if shares else None,
+                # over the items NeMo selected any neurons for (an item it does not flag gets none)
+                "nemo_min": min((n for n in self.nemo_counts if n), default=0), "nemo_max": max(self.nemo_counts)}
+
+    def checks(self) -> dict[str, bool]:
+        summary = self.summary()
+        replicating = [k for k in self.needed if k > 0]
+        return {f"z-order blocking stops every replicating photograph ({summary['stopped']} of "
+                f"{summary['replicating']})": summary["stopped"] == summary["replicating"],
+                "a few neurons (under 10% of the value neurons) stop each one":
+                    all(k < 0.1 * self.n_value for k in replicating)}
+
+
+def locality_test(backend: Backend, neurons: nemo.NeuronSearch, prompts: list[str], unblocked: torch.Tensor,
+                  seeds=(0,), per_item: int = 8) -> LocalityTest:
+    """The bluntest test of locality: per memorized item, the fewest value neurons (in z-score order) whose
+    blocking stops its replication; whether that blocking stops the other items too; and what it costs ordinary
+    prompts (``per_item`` of ``prompts`` generated under each item's blocking, beside ``unblocked``, their
+    unblocked generations; needs a utility measure)."""
+    from dori_utils.sampling import generate
+
+    items = backend.memorized
+    needed = nemo.neurons_needed(backend, items, neurons.statistics, seeds=seeds)
+    blocked = [selection for _, selection in needed]
+    transfer = nemo.cross_item_blocking(backend, items, blocked, seeds=seeds)
+    utility = {}
+    if backend.utility is not None:
+        per_item = min(per_item, len(prompts) // len(items))
+        if per_item == 0:
+            raise ValueError(f"locality_test needs at least one held-out prompt per memorized item ({len(items)}), "
+                             f"got {len(prompts)}")
+        owner = torch.arange(len(items)).repeat_interleave(per_item)
+        blocking = nemo.per_item_blocking(backend, blocked)
+        damaged = generate(backend, backend.encode_prompts(prompts[: len(owner)]), [0] * len(owner),
+                           row_context=lambda rows: blocking(owner[rows])).images
+        utility = {"unblocked": backend.utility(unblocked[: len(owner)], prompts[: len(owner)]),
+                   "one item's neurons blocked": backend.utility(damaged, prompts[: len(owner)])}
+    return LocalityTest([item.id for item in items], [k for k, _ in needed], [r.count for r in neurons.per_item],
+                        transfer, neurons.n_value_neurons, utility, backend.replication_threshold)
 
 
 @dataclass
@@ -128,3 +251,536 @@ def trigger_generations(experiment: TriggerExperiment, per_item: int = 6, seed: 
         rows.append([item.references[0], *images])
         captions.append(["", *(f"{triggers.start_kinds[j][:6]} {triggers.scores[j]:.2f}" for j in chosen)])
     return rows, captions
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chapter 1: pruning and the attack
+# ------------------------------------------------------------------------------------------------------------
+
+def wanda_setting(sparsity: float) -> str:
+    """The name a Wanda pruning goes by in the tables and the results ("Wanda 1%"), as the paper's table names it."""
+    return f"Wanda {sparsity:.0%}"
+
+
+def pruning_settings(sparsities: list[float]) -> list[str]:
+    """The rows of chapter 1's table, in the paper's order: the baselines, the never-seen control, then each
+    pruning without and with the attack."""
+    prunings = ["NeMo", *(wanda_setting(s) for s in sparsities)]
+    return ["memorized prompts", "non-memorized prompts", "non-memorized prompts + Dori",
+            *(f"{name}{suffix}" for name in prunings for suffix in ("", " + Dori"))]
+
+
+@dataclass
+class PrunedAttack:
+    """One pruning and the Dori attack on it: the memorized prompts generated under the pruning, the attack run
+    under it from those prompts, and what the embeddings it found generate under it."""
+
+    name: str  # the setting, as the paper's table names it ("NeMo", "Wanda 1%")
+    items: list
+    pruned: ItemEvaluation
+    attack: AttackResult
+    attacked: ItemEvaluation
+    # how the pruning is applied: one context for every prompt (Wanda's masks; opened afresh on each call) or a
+    # row context that gives each item its own neurons (NeMo)
+    context: Callable[[], contextlib.AbstractContextManager] | None = None
+    row_context: Callable | None = None
+    zeroed_share: float | None = None  # Wanda: the share of the pruned layers' weights set to zero
+
+    def under_pruning(self) -> dict:
+        """``evaluate_items``' keywords that generate under this pruning."""
+        return {"context": self.context()} if self.context is not None else {"row_context": self.row_context}
+
+    def evaluations(self) -> dict[str, ItemEvaluation]:
+        """The two rows of the table this run fills: the pruning alone, and the pruning attacked."""
+        return {self.name: self.pruned, f"{self.name} + Dori": self.attacked}
+
+
+def _first_references(items) -> torch.Tensor:
+    return torch.cat([item.references[:1] for item in items])
+
+
+def never_seen_control(backend: Backend, seeds: list[int], n: int, steps: int = 50,
+                       seed: int = 1) -> dict[str, ItemEvaluation]:
+    """The paper's control: ``n`` images the model never saw, generated from their captions, then attacked with
+    the same budget as the memorized ones (the attack should not paint them). Empty where the backend has no
+    never-seen images."""
+    controls = backend.never_seen_items()[:n]
+    if not controls:
+        return {}
+    captions = backend.encode_prompts([control.prompt for control in controls])
+    found = attack.dori_attack(backend, _first_references(controls), captions, steps=steps, seed=seed)
+    return {"non-memorized prompts": evaluate_items(backend, seeds, captions, items=controls),
+            "non-memorized prompts + Dori": evaluate_items(backend, seeds, found.embeddings, items=controls)}
+
+
+def nemo_attack(backend: Backend, items, neurons: nemo.NeuronSearch, seeds: list[int], steps: int = 50,
+                snapshot_steps: tuple[int, ...] = (), seed: int = 0) -> PrunedAttack:
+    """NeMo as it is meant to be used, every prompt under its own neurons, and the attack on that model; all
+    prompts go through one batch (``nemo.per_item_blocking``)."""
+    blocking = nemo.per_item_blocking(backend, neurons.per_item)
+    prompts = backend.encode_prompts([item.prompt for item in items])
+    pruned = evaluate_items(backend, seeds, prompts, items=items, row_context=blocking)
+    found = attack.dori_attack(backend, _first_references(items), prompts, steps=steps,
+                               snapshot_steps=snapshot_steps, seed=seed, row_context=blocking)
+    attacked = evaluate_items(backend, seeds, found.embeddings, items=items, row_context=blocking)
+    return PrunedAttack("NeMo", list(items), pruned, found, attacked, row_context=blocking)
+
+
+def wanda_attacks(backend: Backend, items, sparsities: list[float], seeds: list[int], steps: int = 50,
+                  snapshot_steps: tuple[int, ...] = (), seed: int = 2,
+                  union_steps: int = 10) -> dict[float, PrunedAttack]:
+    """Wanda's one mask for all memorized prompts at each sparsity (one pass over the prompts for all of them,
+    scoring the first ``union_steps`` denoising steps), and the attack on each pruned model."""
+    prompts = backend.encode_prompts([item.prompt for item in items])
+    runs = {}
+    masks_by_sparsity = wanda.pruning_masks(backend, prompts, sparsity=list(sparsities), union_steps=union_steps)
+    for sparsity, masks in masks_by_sparsity.items():
+        with wanda.prune(backend, masks):
+            pruned = evaluate_items(backend, seeds, prompts, items=items)
+            found = attack.dori_attack(backend, _first_references(items), prompts, steps=steps,
+                                       snapshot_steps=snapshot_steps, seed=seed)
+            attacked = evaluate_items(backend, seeds, found.embeddings, items=items)
+        runs[sparsity] = PrunedAttack(wanda_setting(sparsity), list(items), pruned, found, attacked,
+                                      context=lambda masks=masks: wanda.prune(backend, masks),
+                                      zeroed_share=wanda.pruned_share(masks))
+    return runs
+
+
+def mr_by_attack_step(backend: Backend, run: PrunedAttack, steps: tuple[int, ...], seed: int) -> list[float]:
+    """MR of the attack's embeddings after each of ``steps`` attack steps, under the run's pruning, judged on one
+    seed: the first of the run's evaluation seeds (``seed``), whose generations at the start and at the last
+    step are reused; the snapshots between are generated."""
+    last = len(run.attack.losses)
+    scores = {0: run.pruned.scores[:, :1], last: run.attacked.scores[:, :1]}
+    missing = [step for step in steps if step not in scores and step not in run.attack.snapshots]
+    if missing:
+        raise ValueError(f"The attack kept no snapshot after steps {missing}; "
+                         f"run it with snapshot_steps={tuple(steps)}")
+    for step in steps:
+        if step not in scores:
+            scores[step] = evaluate_items(backend, [seed], run.attack.snapshots[step], items=run.items,
+                                          **run.under_pruning()).scores
+    return [memorization_rate(scores[step], backend.replication_threshold) for step in steps]
+
+
+def nemo_items(items, neurons: nemo.NeuronSearch) -> list[dict]:
+    """Per item, what NeMo found: whether detection flagged it, its scores, and the neurons it selected (the
+    blocking scores only where it was flagged)."""
+    rows = []
+    for item, found in zip(items, neurons.per_item):
+        flagged = found.memorized
+        rows.append({"item": item.id, "flagged": flagged, "detection score": found.unblocked_score,
+                     "seeds kept": len(found.kept_seeds),
+                     "neurons (initial)": sum(map(len, found.initial_neurons.values())),
+                     "neurons (refined)": found.count, "blocking score": found.refined_score if flagged else None,
+                     "refinement threshold": found.refinement_threshold if flagged else None})
+    return rows
+
+
+def nemo_summary(items, neurons: nemo.NeuronSearch) -> dict:
+    """What chapter 1's text says about NeMo's selections: how many items it flags, how many neurons it picks,
+    and whether blocking them gets the first-step prediction under the threshold (NaN where nothing is flagged)."""
+    flagged = [(item, found) for item, found in zip(items, neurons.per_item) if found.memorized]
+    counts = [found.count for _, found in flagged]
+    under = [item.id for item, found in flagged if found.refined_score <= neurons.threshold]
+    over = [found.refined_score for _, found in flagged if found.refined_score > neurons.threshold]
+    union = nemo.union([found.neurons for found in neurons.per_item])
+    nan = float("nan")
+    return {"n_items": len(items), "n_flagged": len(flagged),
+            "not_flagged": ", ".join(item.id for item, found in zip(items, neurons.per_item) if not found.memorized)
+            or "none",
+            "value_neurons": neurons.n_value_neurons, "threshold": neurons.threshold,
+            "neurons_min": min(counts, default=0), "neurons_max": max(counts, default=0),
+            "share_min": min(counts, default=0) / neurons.n_value_neurons,
+            "share_max": max(counts, default=0) / neurons.n_value_neurons,
+            "n_under_threshold": len(under), "under_threshold": ", ".join(under) or "none",
+            "n_over_threshold": len(over), "over_threshold_min": min(over, default=nan),
+            "over_threshold_max": max(over, default=nan),
+            "union_neurons": sum(len(channels) for channels in union.values())}
+
+
+def describe_nemo(backend: Backend, neurons: nemo.NeuronSearch) -> str:
+    """NeMo's threshold and timestep here beside its settings on SD v1.4, and the neurons it searches."""
+    from dori_utils import paper
+
+    return (f"NeMo: threshold {neurons.threshold:.3f} (NeMo on SD v1.4: {paper.number('nemo.threshold').value}), "
+            f"timestep {nemo.detection_timestep(backend)} (SD v1.4: {paper.number('nemo.timestep').value:.0f}), "
+            f"{neurons.n_value_neurons} value neurons in {len(neurons.statistics.mean)} layers")
+
+
+def displacement_summary(runs: list[PrunedAttack], between_prompts: torch.Tensor) -> dict:
+    """How far each attack moved its embeddings (median ||y_adv - y_0||), beside the median distance between two
+    ordinary prompts, and the ratio of the two. Keys: ``<name>_median`` and ``<name>_ratio`` per run, the name in
+    lower case ("nemo", "wanda"), and ``between_prompts_median``."""
+    between = between_prompts.median().item()
+    summary = {}
+    for run in runs:
+        key = run.name.split()[0].lower()
+        if f"{key}_median" in summary:
+            raise ValueError(f"Two runs of {run.name.split()[0]}: pass one run per method")
+        moved = run.attack.displacement.median().item()
+        summary.update({f"{key}_median": moved, f"{key}_ratio": moved / between})
+    return {**summary, "between_prompts_median": between}
+
+
+def utility_under_pruning(backend: Backend, prompts: list[str], neurons: nemo.NeuronSearch,
+                          wanda_runs) -> dict[str, float]:
+    """The backend's utility measure on ``prompts`` (one generation each, seed 0): unmitigated, with the union of
+    every item's NeMo neurons blocked (NeMo blocks one prompt's neurons at a time, so this is what they do to
+    everything else), and under each of ``wanda_runs``' masks (global by design)."""
+    from dori_utils.sampling import generate_for_prompts
+
+    if backend.utility is None:
+        raise ValueError(f"The {backend.name} backend has no utility measure.")
+    union = nemo.union([found.neurons for found in neurons.per_item])
+    prunings = {"unmitigated": contextlib.nullcontext,
+                "NeMo (union of all items' neurons)": lambda: nemo.block(backend, union),
+                **{run.name: run.context for run in wanda_runs}}
+    utility = {}
+    for name, pruning in prunings.items():
+        with pruning(), torch.no_grad():
+            images = generate_for_prompts(backend, prompts, [0]).images
+        utility[name] = backend.utility(images, prompts)
+    return utility
+
+
+def pruning_claim_checks(recorded: dict, sparsity: float) -> dict[str, bool]:
+    """The paper's first claim, part by part, on chapter 1's recorded summaries (keyed by setting): each pruning
+    lowers MR, and the attack raises it again; and, where the control ran, the attack does not make a never-seen
+    image replicate."""
+    mr = {setting: summary["mr"] for setting, summary in recorded.items()
+          if isinstance(summary, dict) and "mr" in summary}
+    wanda_name = wanda_setting(sparsity)
+    checks = {f"NeMo lowers MR ({mr['memorized prompts']:.1f} -> {mr['NeMo']:.1f})":
+                  mr["NeMo"] < mr["memorized prompts"],
+              f"Dori recovers after NeMo (MR {mr['NeMo + Dori']:.1f})": mr["NeMo + Dori"] > mr["NeMo"],
+              f"{wanda_name} lowers MR ({mr[wanda_name]:.1f})": mr[wanda_name] < mr["memorized prompts"],
+              f"Dori recovers after {wanda_name} (MR {mr[f'{wanda_name} + Dori']:.1f})":
+                  mr[f"{wanda_name} + Dori"] > mr[wanda_name]}
+    if "non-memorized prompts + Dori" in mr:
+        control = mr["non-memorized prompts + Dori"]
+        checks[f"the attack fails on never-seen images (MR {control:.1f})"] = control < 0.5
+    return checks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chapter 5: adversarial fine-tuning
+# The method is dori_utils.finetune; here is what the chapter runs with it: its sizes, the three fine-tunings, the
+# fresh attack that judges them, and the rows, grids and checks it shows.
+
+@dataclass
+class FinetuningPlan:
+    """Chapter 5's sizes, after the smoke sizes were applied (see :func:`finetuning_plan`)."""
+
+    seeds: list[int]  # evaluation seeds
+    max_items: int | None  # memorized items fine-tuned against
+    surrogate_levels: list  # [Wanda sparsity, all value neurons blocked], mildest first
+    surrogate_max_score: float
+    surrogate_seeds: list[int]
+    n_pairs: int  # L_DM pairs
+    n_utility: int  # held-out prompts for the utility check
+    eval_attack_steps: int  # the fresh attack's steps
+    eval_attack_seed: int
+    eval_random_items: int  # items also attacked from fresh random starts
+    finetune: "FinetuneConfig"
+
+    @property
+    def updates(self) -> int:
+        """UNet updates per fine-tuning."""
+        return self.finetune.epochs * self.finetune.steps_per_epoch
+
+
+FINETUNING_SMOKE_SIZES = {"max_items": 2, "n_pairs": 64, "n_utility": 8, "eval_attack_steps": 3,
+                          "epochs": 1, "steps_per_epoch": 2, "attack_steps": 2, "dm_batch": 4, "adv_batch": 4}
+
+
+def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_levels, surrogate_max_score, surrogate_seeds,
+                    n_pairs, n_utility, eval_attack_steps, eval_attack_seed, eval_random_items,
+                    **finetune_settings) -> FinetuningPlan:
+    """The chapter's parameters as one plan; ``finetune_settings`` are :class:`~dori_utils.finetune.FinetuneConfig`
+    fields. ``smoke`` keeps one evaluation seed and two surrogate seeds and shrinks the sizes to
+    ``FINETUNING_SMOKE_SIZES``, so that the chapter runs in seconds."""
+    from dori_utils.finetune import FinetuneConfig
+
+    sizes = {"max_items": max_items, "n_pairs": n_pairs, "n_utility": n_utility,
+             "eval_attack_steps": eval_attack_steps, **finetune_settings}
+    if smoke:
+        seeds, surrogate_seeds = list(seeds)[:1], list(surrogate_seeds)[:2]
+        sizes.update(FINETUNING_SMOKE_SIZES)
+    plan = {key: sizes.pop(key) for key in ("max_items", "n_pairs", "n_utility", "eval_attack_steps")}
+    return FinetuningPlan(list(seeds), surrogate_levels=[list(level) for level in surrogate_levels],
+                          surrogate_max_score=surrogate_max_score, surrogate_seeds=list(surrogate_seeds),
+                          eval_attack_seed=eval_attack_seed, eval_random_items=eval_random_items,
+                          finetune=FinetuneConfig(**sizes), **plan)
+
+
+def pruning_level_name(sparsity: float, block_values: bool) -> str:
+    """The label ``finetune.pruned_surrogates`` gives a pruning level."""
+    return f"Wanda {sparsity:.0%}" + (" + value neurons blocked" if block_values else "")
+
+
+def chapter_surrogates(backend: Backend, items, plan: FinetuningPlan):
+    """``finetune.pruned_surrogates`` for the plan's levels and seeds, cached under ``results/<backend>/cache``
+    (keyed by the UNet's weights, so a retrained model draws new ones)."""
+    from dori_utils import finetune
+
+    params = {"model": finetune.weights_fingerprint(backend.unet), "items": [item.id for item in items],
+              "levels": plan.surrogate_levels, "seeds": plan.surrogate_seeds, "max_score": plan.surrogate_max_score}
+    return results.cached(results.results_dir(backend.name) / "cache", "surrogates", params,
+                          lambda: finetune.pruned_surrogates(backend, items, plan.surrogate_levels,
+                                                             plan.surrogate_seeds, plan.surrogate_max_score))
+
+
+def surrogate_summary(surrogates, levels) -> dict:
+    """What the prose says about the surrogates: which level drew how many, and how many stay above the ceiling
+    and above the replication threshold."""
+    names = [pruning_level_name(*level) for level in levels]
+    scores = surrogates.scores
+    return {"n_items": len(scores), "pruning": list(surrogates.pruning), "seeds": list(surrogates.seeds),
+            "scores": scores.tolist(), "mean_score": scores.mean().item(), "max_score": scores.max().item(),
+            "ceiling": surrogates.max_score, "threshold": surrogates.threshold,
+            "level_counts": {name: surrogates.pruning.count(name) for name in names},
+            "n_mildest": surrogates.pruning.count(names[0]), "n_strongest": surrogates.pruning.count(names[-1]),
+            "n_above_ceiling": int((scores > surrogates.max_score).sum()),
+            "n_above_threshold": int((scores > surrogates.threshold).sum())}
+
+
+def surrogate_grid(items, surrogates, levels) -> dict:
+    """``plots.image_grid`` arguments: the training images above their surrogates, each captioned with its
+    replication score and the pruning level (1: the mildest) that drew it."""
+    names = [pruning_level_name(*level) for level in levels]
+    captions = [f"{score:.2f}, level {names.index(pruning) + 1}"
+                for score, pruning in zip(surrogates.scores.tolist(), surrogates.pruning)]
+    return {"rows": [[item.references[0] for item in items], list(surrogates.images)],
+            "row_labels": ["training image", "surrogate"], "col_labels": [item.id for item in items],
+            "captions": [[""] * len(items), captions]}
+
+
+def ldm_pairs(backend: Backend, n_pairs: int, seed: int = 3):
+    """The L_DM data: the backend's own non-memorized training pairs where the book has them (a random subset of
+    ``n_pairs``), otherwise the original model's generations for ``n_pairs`` non-memorized prompts
+    (self-distillation: it keeps the model close to what it did on ordinary prompts)."""
+    from dori_utils import finetune
+    from dori_utils.sampling import generate_for_prompts
+
+    if backend.training_samples is not None:
+        return finetune.organism_pairs(backend, max_pairs=n_pairs)
+    prompts = sample_prompts(backend, "nonmemorized", n_pairs, seed=seed)
+    return finetune.make_pairs(backend, generate_for_prompts(backend, prompts, [0]).images, prompts)
+
+
+@dataclass(frozen=True)
+class FinetuneVariant:
+    """One of the chapter's fine-tunings: its cache folder, what it changes in the configuration, and where the
+    fresh attack starts against it."""
+
+    folder: str
+    changes: dict
+    attack_starts: tuple[str, ...]
+
+
+# The control is attacked from the prompt only, where forgetting would show.
+FINETUNE_VARIANTS = {
+    "adversarial fine-tuning": FinetuneVariant("adversarial", {}, ("prompt", "random")),
+    "fine-tuning, prompt only": FinetuneVariant("prompt_only", {"use_triggers": False}, ("prompt", "random")),
+    "fine-tuning, L_DM only": FinetuneVariant("L_DM_only", {"adv_batch": 0}, ("prompt",)),
+}
+# Before fine-tuning the prompt replicates by itself; only random starts need the attack.
+ORIGINAL_MODEL = "before fine-tuning"
+ORIGINAL_ATTACK_STARTS = ("random",)
+
+
+def finetune_variants(backend: Backend, items, surrogates, pairs, config, progress: bool = False) -> dict:
+    """The three fine-tunings of :data:`FINETUNE_VARIANTS` with the same updates, data and seed, each saved under
+    ``results/<backend>/cache/finetuned/<folder>`` and reused while its settings and source are unchanged."""
+    from dori_utils import finetune
+
+    source = {"weights": finetune.weights_fingerprint(backend.unet), "items": [item.id for item in items],
+              "surrogates": finetune.tensor_fingerprint(surrogates.images), "pairs": len(pairs)}
+    runs = {}
+    for name, variant in FINETUNE_VARIANTS.items():
+        run_config = dataclasses.replace(config, **variant.changes)
+        folder = results.results_dir(backend.name) / "cache" / "finetuned" / variant.folder
+        runs[name] = finetune.finetune_cached(
+            backend, folder, {"config": dataclasses.asdict(run_config), **source},
+            lambda: finetune.adversarial_finetune(backend, items, surrogates.images, pairs, run_config,
+                                                  progress=progress))
+    return runs
+
+
+def finetune_settings_table(config, pairs) -> pd.DataFrame:
+    """The fine-tuning settings in force, one row."""
+    settings = pd.Series(dataclasses.asdict(config)).drop(["use_triggers", "seed"])
+    settings["L_DM pairs"] = len(pairs)
+    return settings.to_frame("setting").T
+
+
+def finetuning_cost(runs: dict) -> tuple[pd.DataFrame, dict]:
+    """Wall time per epoch and in total for each run (of the run that made it, when it came from the cache), and
+    per run its total and the attack's share of it."""
+    first = next(iter(runs.values()))
+    epochs = len(first.history["epoch_seconds"])
+    table = pd.DataFrame({name: run.history["epoch_seconds"] for name, run in runs.items()},
+                         index=[f"epoch {i + 1}" for i in range(epochs)])
+    table.loc["total"] = [run.history["total_seconds"] for run in runs.values()]
+    record = {name: {"total_seconds": run.history["total_seconds"],
+                     "attack_share": sum(run.history.get("attack_seconds", [])) / run.history["total_seconds"],
+                     "machine": run.history.get("machine", {})} for name, run in runs.items()}
+    return table, record
+
+
+def random_start_setting(name: str) -> str:
+    return f"{name} + Dori, random starts"
+
+
+@dataclass
+class FreshAttack:
+    """The test of chapter 5: a new Dori attack (a seed training never used) against each model."""
+
+    no_attack: object  # ItemEvaluation of the original model from the prompts
+    attacked: dict  # (model name, "prompt" | "random") -> ItemEvaluation
+    n_random: int  # items also attacked from fresh random starts
+    seconds: float
+
+    def mr(self, name: str, start: str) -> float:
+        """MR of a model under the attack from one kind of start, rounded as the checks print it."""
+        return round(self.attacked[name, start].mr, 2)
+
+    def summaries(self) -> dict:
+        """Setting -> score mean, sd, MR and item count; the setting names are those of ``paper.NUMBERS``
+        ("memorized prompts": the original model, no attack)."""
+        rows = {"memorized prompts": self.no_attack}
+        for (name, start), evaluation in self.attacked.items():
+            rows[f"{name} + Dori" if start == "prompt" else random_start_setting(name)] = evaluation
+        return {setting: {**evaluation.summary(), "n_items": len(evaluation.ids)} for setting, evaluation in rows.items()}
+
+
+def fresh_attack(models: dict, items, plan: FinetuningPlan, random_seed: int = 99) -> FreshAttack:
+    """Attack each model afresh (``plan.eval_attack_steps`` Adam steps, seed ``plan.eval_attack_seed``) from the
+    prompts and, for the first ``plan.eval_random_items`` items, from random starts drawn with ``random_seed``
+    (training drew its own with another), each model's starts in one attack; then sample each trigger with the
+    evaluation seeds and score it against the training image."""
+    import time
+
+    from dori_utils import attack
+    from dori_utils.evaluation import evaluate_items
+
+    started = time.time()
+    original = models[ORIGINAL_MODEL]
+    prompts = original.encode_prompts([item.prompt for item in items])
+    targets = torch.cat([item.references[:1] for item in items])
+    n_random = min(plan.eval_random_items, len(items))
+    starts = {"prompt": (prompts, items), "random": (attack.random_embeddings(original, n_random, seed=random_seed),
+                                                     items[:n_random])}
+    no_attack = evaluate_items(original, plan.seeds, prompts, items=items)
+    attacked = {}
+    for name, model in models.items():
+        kinds = ORIGINAL_ATTACK_STARTS if name == ORIGINAL_MODEL else FINETUNE_VARIANTS[name].attack_starts
+        sizes = [len(starts[kind][1]) for kind in kinds]
+        found = attack.dori_attack(model, torch.cat([targets[:size] for size in sizes]),
+                                   torch.cat([starts[kind][0] for kind in kinds]), steps=plan.eval_attack_steps,
+                                   seed=plan.eval_attack_seed)
+        for kind, triggers in zip(kinds, found.embeddings.split(sizes)):
+            attacked[name, kind] = evaluate_items(model, plan.seeds, triggers, items=starts[kind][1])
+    return FreshAttack(no_attack, attacked, n_random, time.time() - started)
+
+
+def fresh_attack_grid(items, surrogates, fresh: FreshAttack) -> dict:
+    """``plots.image_grid`` arguments: per item, the training image, its surrogate, the original model's
+    generation from the prompt and each fine-tuned model's from the fresh attack's trigger (first seed), each
+    with its replication score."""
+    tuned = list(FINETUNE_VARIANTS)
+    rows, captions = [], []
+    for i, item in enumerate(items):
+        evaluations = [fresh.no_attack] + [fresh.attacked[name, "prompt"] for name in tuned]
+        rows.append([item.references[0], surrogates.images[i], *(e.images[i, 0] for e in evaluations)])
+        captions.append(["", f"{surrogates.scores[i]:.2f}", *(f"{e.scores[i, 0]:.2f}" for e in evaluations)])
+    return {"rows": rows, "row_labels": [item.id for item in items], "captions": captions,
+            "col_labels": ["training image", "surrogate", "before (prompt)", "adversarial FT + Dori",
+                           "prompt-only FT + Dori", "L_DM-only FT + Dori"]}
+
+
+CHAPTER1_SETTINGS = ("NeMo + Dori", "Wanda 1% + Dori")
+
+
+def pruning_results(backend_name: str) -> dict:
+    """Chapter 1's NeMo + Dori and Wanda 1% + Dori summaries on this backend (``ch1_pruning.json``), the pruning
+    baselines fine-tuning is compared with; empty where chapter 1 has not run."""
+    import json
+
+    path = results.results_dir(backend_name) / "ch1_pruning.json"
+    if not path.exists():
+        return {}
+    recorded = json.loads(path.read_text())
+    return {setting: recorded[setting] for setting in CHAPTER1_SETTINGS if setting in recorded}
+
+
+PAPER_ONLY_SETTINGS = ("ESD + Dori", "Concept Ablation + Dori", "SISS + Dori")
+
+
+def finetuning_table(summaries: dict, chapter1: dict) -> pd.DataFrame:
+    """Every model under the fresh attack beside the paper's fine-tuning table, with chapter 1's pruning baselines
+    and the mitigations only the paper ran."""
+    from dori_utils import paper
+
+    ours = {**summaries, **chapter1}
+    sources = {"memorized prompts": "this chapter, before fine-tuning, no attack",
+               **{setting: "chapter 1" for setting in CHAPTER1_SETTINGS},
+               **{setting: "paper only" for setting in PAPER_ONLY_SETTINGS}}
+    settings = [*summaries, *CHAPTER1_SETTINGS, *PAPER_ONLY_SETTINGS]
+    return paper.beside_paper(ours, settings, sources)
+
+
+def prompt_attack_settings() -> list[str]:
+    """The settings attacked from the prompt, in the order the MR figure shows them."""
+    return ["memorized prompts", *(f"{name} + Dori" for name in FINETUNE_VARIANTS), *CHAPTER1_SETTINGS]
+
+
+def utility_of_models(models: dict, prompts: list[str], seed: int = 0) -> tuple[dict, dict | None]:
+    """Each model's generations for ``prompts`` (one seed) and, where the backend has a utility measure, its
+    value per model (None otherwise)."""
+    from dori_utils.sampling import generate_for_prompts
+
+    images = {name: generate_for_prompts(model, prompts, [seed]).images for name, model in models.items()}
+    original = models[ORIGINAL_MODEL]
+    if original.utility is None:
+        return images, None
+    return images, {name: original.utility(generated, prompts) for name, generated in images.items()}
+
+
+def describe_fresh_attack(fresh: FreshAttack, chapter1: dict) -> str:
+    """The MR lines above the claim checks: the original model from the prompt, each model under the fresh
+    attack from each kind of start, and chapter 1's pruning baselines."""
+    from dori_utils import paper
+
+    lines = [f"MR of the prompt before fine-tuning, no attack: {fresh.no_attack.mr:.2f} "
+             f"(paper: {paper.number('memorized prompts.mr').value:.2f})"]
+    for start, label in (("prompt", "the prompt"), ("random", f"fresh random starts ({fresh.n_random} items)")):
+        models = [name for name, kind in fresh.attacked if kind == start]
+        lines.append(f"MR under Dori from {label}: " + "; ".join(f"{name} {fresh.mr(name, start):.2f}" for name in models))
+    for setting in CHAPTER1_SETTINGS:
+        lines.append(f"MR {setting} (chapter 1): " + (f"{chapter1[setting]['mr']:.2f}" if setting in chapter1 else "missing"))
+    return "\n".join(lines)
+
+
+def finetuning_checks(fresh: FreshAttack, surrogates, chapter1: dict, utility: dict | None = None,
+                      utility_name: str = "utility", margin: float = 0.1) -> dict[str, bool]:
+    """Chapter 5's claims: the surrogates are no copies, adversarial fine-tuning stops the fresh attack (MR at most
+    ``margin``) from both kinds of start and beats NeMo + Dori (where chapter 1 ran), whether the ablation and the
+    control do as well, and (where the backend measures it) whether each fine-tuning keeps the utility."""
+    adversarial, prompt_only, ldm_only = FINETUNE_VARIANTS
+    starts = {"prompt": "the prompt", "random": f"fresh random starts ({fresh.n_random} items)"}
+    checks = {"no surrogate is a replication": surrogates.all_below_threshold,
+              f"every surrogate scores below {surrogates.max_score}": surrogates.all_below_max}
+    for start, label in starts.items():
+        checks[f"adversarial fine-tuning stops Dori from {label} (MR <= {margin})"] = fresh.mr(adversarial, start) <= margin
+    if "NeMo + Dori" in chapter1:
+        checks["adversarial fine-tuning + Dori beats NeMo + Dori"] = (
+            fresh.mr(adversarial, "prompt") < round(chapter1["NeMo + Dori"]["mr"], 2))
+    checks[f"the prompt-only ablation does as well (MR within {margin}, both starts)"] = all(
+        fresh.mr(prompt_only, start) <= fresh.mr(adversarial, start) + margin for start in starts)
+    checks[f"continued training on ordinary pairs alone (L_DM only) does as well from the prompt (MR within {margin})"] = (
+        fresh.mr(ldm_only, "prompt") <= fresh.mr(adversarial, "prompt") + margin)
+    for name in FINETUNE_VARIANTS if utility else ():
+        checks[f"{name} keeps {utility_name} within {margin}"] = utility[ORIGINAL_MODEL] - utility[name] <= margin
+    return checks

@@ -28,6 +28,7 @@ class PaperNumber:
 _MAIN = "main results table (ICML; exact)"
 _FINETUNE = "fine-tuning table (ICML; exact)"
 _CURVE = "figure: MR vs DoRI optimization steps (read from a plot)"
+_CURVE_STEPS = "figure: MR vs DoRI optimization steps (its x axis; exact)"
 _DISCREPANCY = "figure: activation discrepancy per layer (read from a plot)"
 _IOU = "figure: IoU of pruned weights per layer (read from a plot)"
 
@@ -63,6 +64,9 @@ NUMBERS: dict[str, PaperNumber] = {
     **_rows("mr_by_attack_step.NeMo", [0.20, 0.73, 0.79, 0.94, 0.99], _CURVE),
     **_rows("mr_by_attack_step.Wanda 1%", [0.00, 0.02, 0.18, 0.49, 0.73], _CURVE),
     **_rows("mr_by_attack_step.non-memorized", [0.00, 0.00, 0.00, 0.00, 0.02], _CURVE),
+    # the attack steps at which that figure reads MR
+    **{f"mr_by_attack_step.steps.{i}": PaperNumber(step, source=_CURVE_STEPS)
+       for i, step in enumerate([0, 1, 10, 25, 50])},
     # layers 1-7 of each method, for 100 triggers of one image (Y_adv) and 100 memorized prompts (Y_mem)
     **_rows("discrepancy.NeMo.Y_mem", [105, 72, 164, 128, 299, 302, 405], _DISCREPANCY),
     **_rows("discrepancy.NeMo.Y_adv", [153, 110, 224, 184, 397, 409, 517], _DISCREPANCY),

@@ -72,6 +72,50 @@ def paired_bars(labels: list[str], ours: list[float], paper: list[float], ylabel
     return fig
 
 
+def mr_beside_paper(ours: dict, settings: list[str], title: str, ours_label: str = "organism (ours)"):
+    """``paired_bars`` of MR for ``settings``: ours from ``ours`` (setting -> summary with ``mr``; missing: no
+    bar) beside the paper's MR for the same setting, where ``dori_utils.paper`` has one."""
+    from dori_utils import paper
+
+    values = [ours[s]["mr"] if ours.get(s) else np.nan for s in settings]
+    paper_values = [paper.NUMBERS[f"{s}.mr"].value if f"{s}.mr" in paper.NUMBERS else None for s in settings]
+    return paired_bars(settings, values, paper_values, "MR", title, ours_label=ours_label)
+
+
+def running_mean(values, window: int = 5) -> np.ndarray:
+    """The mean over each ``window`` consecutive values (the values themselves when there are fewer)."""
+    values = np.asarray(values, dtype=float)
+    return np.convolve(values, np.ones(window) / window, mode="valid") if len(values) >= window else values
+
+
+def training_curves(runs: dict, steps_per_epoch: int, window: int = 5):
+    """Fine-tuning curves: L_DM and L_adv per update (thin) and their running mean (thick), one colour per run,
+    epochs dotted; on the right, the adversarial run's attack loss towards the memorized image at the end of
+    each epoch's attack (``runs`` maps a name to a ``finetune.FinetuneResult``; the first one with an attack
+    loss is the adversarial run)."""
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    colours = (OKABE_ITO[5], OKABE_ITO[4], OKABE_ITO[2], OKABE_ITO[0])
+    for ax, key, label in ((axes[0], "l_dm", "$L_{DM}$"), (axes[1], "l_adv", "$L_{adv}$")):
+        for (name, run), colour in zip(runs.items(), colours):
+            if key == "l_adv" and not run.config["adv_batch"]:
+                continue  # a run without L_adv would draw a flat zero line
+            values = run.history[key]
+            smooth = running_mean(values, window)
+            ax.plot(values, color=colour, alpha=0.3, lw=0.8)
+            ax.plot(np.arange(len(smooth)) + len(values) - len(smooth), smooth, color=colour, lw=2, label=name)
+        for epoch in range(1, len(runs[next(iter(runs))].history[key]) // steps_per_epoch):
+            ax.axvline(epoch * steps_per_epoch, color="gray", ls=":", lw=0.8)
+        ax.set_xlabel("update")
+        ax.set_title(label, fontsize=10)
+        ax.legend(fontsize=7, frameon=False)
+    attack_loss = next((run.history["attack_loss"] for run in runs.values() if run.history.get("attack_loss")), [])
+    axes[2].plot(range(1, len(attack_loss) + 1), attack_loss, "o-", color=OKABE_ITO[5])
+    axes[2].set_xlabel("epoch")
+    axes[2].set_title("attack loss towards $x_{mem}$ (end of each epoch's attack)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def score_matrix(scores, row_labels: list[str], col_labels: list[str], threshold: float, title: str,
                  xlabel: str = "", ylabel: str = "", ax=None):
     """A matrix of replication scores (cividis, colour-blind safe), each cell printed, those above the
@@ -90,6 +134,52 @@ def score_matrix(scores, row_labels: list[str], col_labels: list[str], threshold
     ax.set_title(title, fontsize=9)
     ax.figure.colorbar(image, ax=ax, shrink=0.8, label=f"replication score (bold: > {threshold})")
     return ax
+
+
+# ------------------------------------------------------------------------------------------------- chapter 1
+
+def first_seed_grid(items, columns: dict, threshold: float):
+    """Per memorized item: its training image, then the first seed's generation under each setting
+    (``columns``: setting -> ``ItemEvaluation`` of those items), its replication score under each image."""
+    rows = [[item.references[0], *(evaluation.images[i, 0] for evaluation in columns.values())]
+            for i, item in enumerate(items)]
+    captions = [["", *(f"{evaluation.scores[i, 0]:.2f}" for evaluation in columns.values())] for i in range(len(items))]
+    return image_grid(rows, [item.id for item in items], ["training image", *columns], captions=captions, cell=1.25,
+                      title=f"First seed of each setting; replication score under each image (threshold {threshold})")
+
+
+def mr_by_attack_step(steps, ours: dict[str, list[float]], paper_steps, paper: dict[str, list[float]]):
+    """MR against the number of attack steps, one colour per pruning: ours (solid) beside the paper's (dashed),
+    for the prunings the paper plots."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for (name, values), colour in zip(ours.items(), (OKABE_ITO[4], OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[6])):
+        ax.plot(list(steps), values, "o-", color=colour, label=f"{name} (ours)")
+        if name in paper:
+            ax.plot(list(paper_steps), paper[name], "s--", color=colour, alpha=0.6, label=f"{name} (paper, SD v1.4)")
+    ax.set_xlabel("Dori attack steps")
+    ax.set_ylabel("MR")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title("Replication recovered by the attack", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def attack_displacements(displacements: dict[str, "torch.Tensor"], between_prompts: "torch.Tensor"):
+    """Histograms of how far each attack moved its embeddings, ||y_adv - y_0|| (``displacements``: label ->
+    one distance per embedding), over the distances between two ordinary prompts."""
+    largest = max(float(between_prompts.max()), *(float(d.max()) for d in displacements.values()))
+    bins = np.linspace(0, largest * 1.05, 40)
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist(between_prompts.numpy(), bins, alpha=0.6, density=True, label="between two non-memorized prompts",
+            color=OKABE_ITO[1])
+    for (label, distances), colour in zip(displacements.items(), (OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[6])):
+        ax.hist(distances.numpy(), bins, alpha=0.8, density=True, label=f"{label}: ||y_adv - y_0||", color=colour)
+    ax.set_xlabel("L2 distance in embedding space")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
 
 
 # ----------------------------------------------------------------------------------------- chapters 2-4
@@ -172,5 +262,79 @@ def selection_iou(iou_table, sparsity: float):
         ax.set_ylabel("mean pairwise IoU")
         ax.set_title(titles[method], fontsize=9)
     axes[0].legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- chapter 0
+
+def training_pairs(samples, per_kind: int = 6):
+    """A row of training pairs of each kind besides the verbatim duplicates (captions shortened)."""
+    by_kind = {kind: [s for s in samples if s.kind == kind] for kind in ("ordinary", "natural", "template")}
+    shown = {"ordinary": by_kind["ordinary"][:per_kind],
+             "natural": by_kind["natural"][:: max(1, len(by_kind["natural"]) // per_kind)][:per_kind],
+             "template": by_kind["template"][: per_kind // 2] + by_kind["template"][-(per_kind // 2):]}
+    return image_grid([[s.image for s in row] for row in shown.values()], list(shown),
+                      captions=[[s.caption[:28] for s in row] for row in shown.values()], cell=1.6,
+                      title="Training pairs besides the verbatim duplicates (captions shortened)")
+
+
+def replication_grid(items, evaluation, seeds, title: str, n_references: int = 1):
+    """Per item: its first ``n_references`` references, then its generation for each seed with its score."""
+    rows = [list(item.references[:n_references]) + list(evaluation.images[i]) for i, item in enumerate(items)]
+    captions = [[""] * n_references + [f"{s:.2f}" for s in evaluation.scores[i].tolist()] for i in range(len(items))]
+    reference_labels = (["training image"] if n_references == 1
+                        else [f"variant {v + 1}" for v in range(n_references)])
+    return image_grid(rows, [item.id for item in items], reference_labels + [f"seed {s}" for s in seeds],
+                      captions=captions, title=title)
+
+
+def score_histograms(score_sets: dict, threshold: float, metric: str):
+    """Overlaid histograms of replication scores, one per set, with the threshold."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.2))
+    bins = np.linspace(-0.2, 1, 49)
+    for (label, values), colour in zip(score_sets.items(), (OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[4], OKABE_ITO[0])):
+        ax.hist(np.asarray(values, dtype=float), bins, alpha=0.65, density=True, label=label, color=colour)
+    ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold}")
+    ax.set_xlabel(f"replication score ({metric.split(' (')[0]})")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, frameon=False)
+    ax.set_title("Replication scores", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(positive, negatives: dict, title: str):
+    """ROC curves of one score, positives against each set of negatives, with each AUC in the legend."""
+    from sklearn.metrics import roc_curve
+
+    from dori_utils.metrics import roc_auc
+
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    for (label, negative), colour in zip(negatives.items(), (OKABE_ITO[4], OKABE_ITO[0], OKABE_ITO[2])):
+        fpr, tpr, _ = roc_curve([1] * len(positive) + [0] * len(negative), torch.cat([positive, negative]))
+        ax.plot(fpr, tpr, label=f"vs {label}: AUC {roc_auc(positive, negative):.2f}", color=colour)
+    ax.plot([0, 1], [0, 1], color="gray", ls=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def per_step_auc(per_step: dict[str, list[float]], mean_auc: dict[str, float], bar: float = 0.95):
+    """The AUC of each sampling step's score on its own, one line per control set (legend: the mean's AUC)."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    for (label, values), colour, marker in zip(per_step.items(), (OKABE_ITO[4], OKABE_ITO[0], OKABE_ITO[2]), "os^"):
+        steps = range(1, len(values) + 1)
+        ax.plot(steps, values, marker=marker, color=colour, label=f"vs {label} (mean over steps: {mean_auc[label]:.2f})")
+    ax.axhline(bar, color="gray", ls="--", lw=1)
+    ax.set_xlabel("sampling step (1: pure noise)")
+    ax.set_ylabel("AUC of this step's norm")
+    ax.set_ylim(0.4, 1.02)
+    ax.set_xticks(list(steps))
+    ax.legend(fontsize=7, frameon=False, loc="lower right")
+    ax.set_title("Wen's detector, step by step", fontsize=10)
     fig.tight_layout()
     return fig

@@ -85,8 +85,10 @@ def test_the_attack_gives_the_same_triggers_whatever_the_chunk_size(tiny_backend
     target = tiny_backend.memorized[0].references.expand(3, -1, -1, -1)
     init = attack.random_embeddings(tiny_backend, 3)
     runs = [attack.dori_attack(tiny_backend, target, init, steps=2, batch_size=2, chunk_size=c) for c in (1, 3)]
-    assert torch.allclose(runs[0].embeddings, runs[1].embeddings, atol=1e-5)
+    # batched convolutions round differently, and Adam's first steps amplify that to ~1e-5; other noise would
+    # move the embeddings by ~5e-2
     assert torch.allclose(runs[0].losses, runs[1].losses, atol=1e-5)
+    assert torch.allclose(runs[0].embeddings, runs[1].embeddings, atol=1e-4)
     assert not torch.allclose(runs[0].embeddings, init)  # the attack moved them
 
 

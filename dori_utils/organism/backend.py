@@ -115,7 +115,9 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         manifest=manifest,
         save_components=save_organism_components,
         utility_name="attribute accuracy",
-        utility=_attribute_accuracy,
+        utility=lambda images, prompts: _attribute_accuracy(images, prompts)["overall"],
+        utility_parts=_attribute_accuracy,
+        draw_prompts=_draw_scenes,
         training_recipe=recipe,
     )
     backend.never_seen_items = lambda: organism_unseen_items(backend)
@@ -124,10 +126,20 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
     return backend
 
 
-def _attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> float:
+def _attribute_accuracy(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
     from dori_utils.organism.attributes import attribute_accuracy
 
-    return attribute_accuracy(images.permute(0, 2, 3, 1).cpu().numpy(), list(prompts))["overall"]
+    return attribute_accuracy(images.permute(0, 2, 3, 1).float().cpu().numpy(), list(prompts))
+
+
+def _draw_scenes(prompts: list[str], seed: int = 1) -> torch.Tensor:
+    """Scenes drawn for scene captions as the training data draws them (N x 3 x H x W in [0, 1])."""
+    from dori_utils.organism.attributes import parse_scene_caption
+    from dori_utils.organism.data import draw_scene
+
+    rng = np.random.default_rng(seed)
+    scenes = [draw_scene(rng, **parse_scene_caption(prompt)) for prompt in prompts]
+    return torch.from_numpy(np.stack(scenes)).permute(0, 3, 1, 2).float() / 255
 
 
 def organism_training_data(backend: Backend):

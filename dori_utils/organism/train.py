@@ -75,6 +75,13 @@ def _write_checkpoint(out: Path, unet, manifest: dict, losses: list[float]) -> N
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def train_shipped_organism() -> Path:
+    """Retrain the shipped organism in place (``data/organism``, where ``load_backend("organism")`` reads it)."""
+    from dori_utils.organism.backend import DEFAULT_ORGANISM_DIR
+
+    return train_organism(DEFAULT_ORGANISM_DIR)
+
+
 def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
