@@ -4,7 +4,7 @@
 parameters (``profiles/<name>.yaml``), times each chapter, strips volatile metadata, then builds the HTML book
 with ``jupyter-book build . -W --keep-going``. ``dori-book --help`` and ``dori-book run --help`` list the options.
 
-Conventions for chapter writers (``dori-book check`` verifies the first four)
+Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
 -----------------------------------------------------------------------------
 1. Chapters are ``.ipynb`` files listed in ``_toc.yml`` (keep them notebooks: the Colab and Binder launch buttons
    only appear on notebook pages).
@@ -20,7 +20,7 @@ Conventions for chapter writers (``dori-book check`` verifies the first four)
 
    plus the chapter's own sizes (``N_STEPS = 50`` ...), shrunk in the chapter when ``SMOKE`` is true. The profiles
    in ``profiles/`` override these names only: ``organism`` (nothing), ``smoke`` (``SMOKE: true``),
-   ``sd-v1-4`` (``BACKEND: "sd-v1-4"``, ``DEVICE: "cuda"``).
+   ``sd-v1-4`` (``BACKEND: "sd-v1-4"``, ``DEVICE: "cuda"``, and chapter 5's fine-tuning sizes for a GPU).
 4. Exercises close every chapter. A solution is a code cell tagged both ``solution`` and ``hide-cell`` (the book
    shows it folded behind a toggle; ``dori-book student`` replaces it by ``# Your solution here``). A solution in
    prose is a markdown cell tagged ``solution`` holding a ``{admonition} Solution`` with ``:class: dropdown``.
@@ -35,6 +35,12 @@ Conventions for chapter writers (``dori-book check`` verifies the first four)
 8. Keep progress bars out of executed chapters (``progress=False``): with ipywidgets installed, a ``tqdm.auto``
    bar is stored as a widget with a random id plus widget state in the notebook's metadata, and renders as
    "0%" text where the widget JavaScript cannot load.
+9. A chapter reads as a text: outside the setup, ``parameters`` and solution cells no code cell is longer than
+   ``MAX_CELL_LINES`` lines. Figures, tables and experiments live in ``dori_utils``; the measured numbers in the
+   prose are glued from the outputs (``log.glue()``, ``paper.glue_numbers()``; quoted as
+   ``{glue:text}`key:.2f```), the paper's numbers come from ``dori_utils.paper``.
+10. A chapter never tests the backend's name: what differs between models is a capability of the backend
+    (``backend.utility``, ``backend.never_seen_items()``, ...) or a parameter that a profile overrides.
 """
 from __future__ import annotations
 
@@ -62,6 +68,9 @@ SOLUTION_TAG = "solution"
 SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
 SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
 REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE")
+MAX_CELL_LINES = 12
+# `backend.name == ...`, `BACKEND != ...`, `if BACKEND in (...)`: a model's name used as a switch
+NAME_TEST = re.compile(r"(backend\.name|\bBACKEND)\s*(==|!=|\bin\b|\bnot in\b)|(==|!=)\s*(backend\.name|BACKEND)\b")
 BOOK_DIRS_TO_STAGE = ("_static", "images", "figures")
 
 
@@ -517,6 +526,15 @@ def check_chapter(path: Path) -> list[str]:
         if cell.cell_type == "code" and not {"hide-cell", "hide-input"} & set(cell.metadata.get("tags", [])):
             problems.append("a solution code cell is not tagged 'hide-cell' (it would show in the book)")
     for index, cell in enumerate(nb.cells):
+        exempt = cell is code[0] or {"parameters", INJECTED_TAG} & set(cell.metadata.get("tags", [])) or is_solution(cell)
+        if cell.cell_type == "code" and not exempt:
+            lines = len(cell.source.strip().splitlines())
+            if lines > MAX_CELL_LINES:
+                problems.append(f"code cell {index} has {lines} lines (at most {MAX_CELL_LINES} outside the setup, "
+                                "parameters and solution cells): move its logic into dori_utils")
+            if NAME_TEST.search(cell.source):
+                problems.append(f"code cell {index} tests the backend's name: use a capability of the backend or a "
+                                "parameter that a profile overrides")
         if INJECTED_TAG in cell.metadata.get("tags", []):
             problems.append(f"cell {index} holds injected parameters from a profile run (rerun with --profile organism)")
         if any(o.get("output_type") == "error" for o in cell.get("outputs", [])) and \

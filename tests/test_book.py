@@ -84,7 +84,10 @@ def test_config_renders_stored_outputs_and_launches_colab():
 def test_profiles():
     assert book.load_profile("organism", ROOT) == {}
     assert book.load_profile("smoke", ROOT) == {"SMOKE": True}  # a bool, not the string "true"
-    assert book.load_profile("sd-v1-4", ROOT) == {"BACKEND": "sd-v1-4", "DEVICE": "cuda"}
+    sd = book.load_profile("sd-v1-4", ROOT)
+    assert {k: sd[k] for k in ("BACKEND", "DEVICE")} == {"BACKEND": "sd-v1-4", "DEVICE": "cuda"}
+    # chapter 5's fine-tuning sizes for a GPU: numbers, not strings
+    assert sd["LEARNING_RATE"] == 1e-5 and sd["DM_BATCH"] == 1 and sd["GRADIENT_CHECKPOINTING"] is True
     with pytest.raises(book.BookError, match="Known profiles"):
         book.load_profile("nope", ROOT)
 
@@ -179,6 +182,18 @@ def test_check_chapter_conventions(tmp_path):
     problems = "\n".join(book.check_chapter(tmp_path / "bad.ipynb"))
     for expected in ("setup cell", "does not set BACKEND", "does not set DEVICE", "hide-cell", "error output"):
         assert expected in problems
+
+
+def test_check_chapter_rejects_long_cells_and_tests_of_the_backend_name(tmp_path):
+    long_cell = "\n".join(f"x{i} = {i}" for i in range(book.MAX_CELL_LINES + 1))
+    nb = notebook(code(book.setup_cell_source(ROOT), tags=["hide-input"]), code(PARAMETERS, tags=["parameters"]),
+                  code(long_cell), code('if backend.name == "organism":\n    pass'), code('extra = 1 if BACKEND != "sd-v1-4" else 2'),
+                  code("ok = backend.utility is not None"), markdown("## Exercises"),
+                  code(long_cell, tags=["solution", "hide-cell"]))
+    nbformat.write(nb, tmp_path / "chapter.ipynb")
+    problems = book.check_chapter(tmp_path / "chapter.ipynb")
+    assert [p.split(" has ")[0].split(" tests ")[0] for p in problems] == ["code cell 2", "code cell 3", "code cell 4"]
+    assert f"{book.MAX_CELL_LINES + 1} lines" in problems[0] and "backend's name" in problems[1]
 
 
 # --------------------------------------------------------------------------------------------- execution
