@@ -18,7 +18,7 @@ from dori_utils.evaluation import ItemEvaluation
 def _evaluation(scores, threshold=0.7, size=4):
     scores = torch.tensor(scores, dtype=torch.float32)
     n, seeds = scores.shape
-    return ItemEvaluation([f"item{i}" for i in range(n)], torch.rand(n, seeds, 3, size, size), scores,
+    return ItemEvaluation([f"item{i}" for i in range(n)], torch.rand(n, seeds, 3, size, size, generator=torch.Generator().manual_seed(0)), scores,
                           torch.zeros(n, seeds, 2), threshold)
 
 

@@ -7,19 +7,19 @@ from dori_utils.organism import data as organism_data
 from dori_utils.organism.attributes import attribute_accuracy, check_scene, parse_scene_caption
 
 
-def test_ssim_is_one_for_a_copy_and_low_for_noise():
-    image = torch.rand(1, 3, 32, 32)
+def test_ssim_is_one_for_a_copy_and_low_for_noise(generator):
+    image = torch.rand(1, 3, 32, 32, generator=generator)
     assert metrics.ssim_score(image, image).item() == pytest.approx(1.0, abs=1e-5)
-    assert metrics.ssim_score(torch.rand(4, 3, 32, 32), image).max() < 0.2
+    assert metrics.ssim_score(torch.rand(4, 3, 32, 32, generator=generator), image).max() < 0.2
     with pytest.raises(ValueError, match="N x 3 x H x W"):
-        metrics.ssim_score(torch.rand(4, 1, 32, 32), torch.rand(1, 1, 32, 32))
+        metrics.ssim_score(torch.rand(4, 1, 32, 32, generator=generator), torch.rand(1, 1, 32, 32, generator=generator))
 
 
-def test_memorization_rate_uses_the_median_over_seeds():
+def test_memorization_rate_uses_the_median_over_seeds(generator):
     scores = torch.tensor([[0.9, 0.9, 0.1], [0.9, 0.1, 0.1], [0.8, 0.8, 0.8]])
     assert metrics.memorization_rate(scores, 0.7) == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="items x seeds"):
-        metrics.memorization_rate(torch.rand(3), 0.7)
+        metrics.memorization_rate(torch.rand(3, generator=generator), 0.7)
     with pytest.raises(ValueError, match="at least one item"):
         metrics.memorization_rate(torch.empty(0, 2), 0.7)
 

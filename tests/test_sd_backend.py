@@ -112,11 +112,11 @@ def test_references_are_the_models_own_generations(backend):
     assert torch.allclose(again.images, item.references, atol=1e-5)  # another batch size: not bit-equal everywhere
 
 
-def test_shapes(backend):
+def test_shapes(backend, generator):
     embeddings = backend.encode_prompts(["a cat", "Sony Won't Release <i>The Interview</i> on VOD"])
     assert embeddings.shape == (2, 77, 32)
     assert backend.empty_embedding().shape == (1, 77, 32)
-    images = torch.rand(3, 3, 16, 16)
+    images = torch.rand(3, 3, 16, 16, generator=generator)
     latents = backend.to_model_space(images)
     assert latents.shape == (3, 4, 8, 8)
     decoded = backend.to_image_space(latents)
@@ -151,18 +151,18 @@ def test_wen_score_is_the_mean_of_per_step_norms(backend):
     assert not torch.allclose(samples.wen_per_step[:, 0], samples.wen_per_step[:, 1])
 
 
-def test_sscd_loads_lazily_and_scores(backend):
-    images = torch.rand(2, 3, 16, 16)
+def test_sscd_loads_lazily_and_scores(backend, generator):
+    images = torch.rand(2, 3, 16, 16, generator=generator)
     scores = backend.replication_score(images, images[:1])
     assert scores.shape == (2,)
     assert scores[0] == pytest.approx(1.0, abs=1e-5)
     assert "SSCD" in backend.replication_metric and "320x320" in backend.replication_metric
 
 
-def test_load_sscd_and_scorer(tmp_path):
+def test_load_sscd_and_scorer(tmp_path, generator):
     model = load_sscd(str(_save_tiny_sscd(tmp_path / "sscd.pt")))
     score = sscd_scorer(model)
-    images = torch.rand(3, 3, 32, 32)
+    images = torch.rand(3, 3, 32, 32, generator=generator)
     scores = score(images, images[1:])
     assert scores.shape == (3,)
     assert torch.allclose(scores[1:], torch.ones(2), atol=1e-5)
@@ -228,18 +228,18 @@ def test_the_books_methods_run_unchanged_on_the_sd_backend(backend):
     assert list(activations) == nemo.value_layers(backend.unet)
 
 
-def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths(backend, tmp_path):
+def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths(backend, tmp_path, generator):
     """NeMo ships (means, stds), one tensor per value layer in its order; the tiny UNet has two such layers."""
     from dori_utils import nemo
 
     layers = nemo.value_layers(backend.unet)
     widths = [backend.unet.get_submodule(n).out_features for n in layers]
-    means, stds = [torch.rand(w) for w in widths], [torch.rand(w) + 0.5 for w in widths]
+    means, stds = [torch.rand(w, generator=generator) for w in widths], [torch.rand(w, generator=generator) + 0.5 for w in widths]
     path = tmp_path / "statistics.pt"
     torch.save((means, stds), path)
     statistics = nemo.published_statistics(backend, path)
     assert list(statistics.mean) == layers and torch.equal(statistics.std[layers[-1]], stds[-1])
-    torch.save(([torch.rand(320)] * len(widths), [torch.rand(320)] * len(widths)), path)
+    torch.save(([torch.rand(320, generator=generator)] * len(widths), [torch.rand(320, generator=generator)] * len(widths)), path)
     with pytest.raises(ValueError, match="recompute the statistics"):
         nemo.published_statistics(backend, path)
     path.write_bytes(b"not a torch file")
