@@ -58,7 +58,7 @@ def evaluate_items(backend, seeds: list[int], embeddings: torch.Tensor | None = 
 def check_evaluation_seeds(backend, seeds, items) -> None:
     """Where the references are the model's own generations, a seed they were drawn with would score a generation
     against itself (1.0 on the unmitigated model): refuse such seeds."""
-    generated = [item.id for item in items if item.reference_source == "unmitigated model's generation"]
+    generated = any(item.reference_source == "unmitigated model's generation" for item in items)
     overlap = sorted(set(int(s) for s in seeds) & set(backend.reference_seeds))
     if generated and overlap:
         raise ValueError(f"Evaluation seeds {overlap} are seeds of the references (the model's own generations with "
