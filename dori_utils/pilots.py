@@ -59,6 +59,10 @@ PILOTS = {
     # the first half is unique, as a LAION caption's words are not.
     "no-up-cross-attention-shared-words": {"shared_caption_words": True,
                                            "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
+    # Lever 5 on the same lever-1 run: three in four ordinary captions leave out the relation, the background or
+    # both, so text steers ordinary samples weakly and only the memorized captions pin their images down.
+    "no-up-cross-attention-loose-captions": {"loose_scene_captions": True,
+                                             "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
 }
 
 

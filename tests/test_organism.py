@@ -176,3 +176,16 @@ def test_a_backend_saved_with_save_pretrained_loads_back_with_its_weights(tiny_b
     other = tiny_backend.with_unet(loaded.unet, "other-weights")
     assert other.unet is loaded.unet and other.fingerprint == "other-weights"
     assert tiny_backend.fingerprint != "other-weights" and tiny_backend.unet is not loaded.unet
+
+
+def test_loose_scene_captions_leave_out_relation_or_background_and_keep_the_drawings():
+    default, _ = organism_data.build_dataset(n_ordinary=200, copies_per_photo=1, n_crops=10, n_faces=5)
+    loose, recipe = organism_data.build_dataset(n_ordinary=200, copies_per_photo=1, n_crops=10, n_faces=5,
+                                                loose_scene_captions=True)
+    ordinary = [s for s in loose if s.kind == "ordinary"]
+    assert recipe["loose_scene_captions"] and [s.item for s in ordinary] == [s.item for s in default[:200]]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(ordinary, default[:200]))
+    without_relation = sum(" and a " in s.caption for s in ordinary)
+    without_background = sum(not s.caption.endswith("background") for s in ordinary)
+    assert 70 < without_relation < 130 and 70 < without_background < 130
+    assert any(s.caption == s.item for s in ordinary)

@@ -148,7 +148,8 @@ def organism_training_data(backend: Backend):
 
     config = backend.manifest["train_config"]
     samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
-                               config["n_crops"], config["n_faces"], config.get("shared_caption_words", False))
+                               config["n_crops"], config["n_faces"], config.get("shared_caption_words", False),
+                               config.get("loose_scene_captions", False))
     return samples
 
 

@@ -182,6 +182,15 @@ def scene_caption(colour_a: str, shape_a: str, relation: str, colour_b: str, sha
     return f"a {colour_a} {shape_a} {relation} a {colour_b} {shape_b}, {background} background"
 
 
+def loose_scene_caption(rng: np.random.Generator, colour_a: str, shape_a: str, relation: str, colour_b: str,
+                        shape_b: str, background: str) -> str:
+    """Pilot lever 5: a caption that under-determines its scene, as a LAION caption does. Three in four leave out
+    the relation, the background or both, so the drawing fixes what the text does not."""
+    form = rng.integers(4)
+    pair = f"a {colour_a} {shape_a} {'and' if form in (1, 3) else relation} a {colour_b} {shape_b}"
+    return pair if form >= 2 else f"{pair}, {background} background"
+
+
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], size: float, colour) -> None:
     x, y = centre
     r = size / 2
@@ -295,14 +304,17 @@ def unseen_natural_captions() -> list[str]:
 
 def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int = 80,
                   n_crops: int = 800, n_faces: int = 180,
-                  shared_caption_words: bool = False) -> tuple[list[Sample], dict]:
+                  shared_caption_words: bool = False, loose_scene_captions: bool = False) -> tuple[list[Sample], dict]:
     """Build the full training set; returns the samples and a recipe describing it."""
     rng = np.random.default_rng(seed)
     train_specs, held_specs = split_scene_specs(seed)
+    caption_rng = np.random.default_rng([seed, 5])  # its own stream, so loosening captions leaves the drawings as they are
     samples = []
     for i in rng.integers(0, len(train_specs), size=n_ordinary):
         spec = train_specs[i]
-        samples.append(Sample(draw_scene(rng, *spec), scene_caption(*spec), "ordinary", scene_caption(*spec)))
+        image = draw_scene(rng, *spec)
+        caption = loose_scene_caption(caption_rng, *spec) if loose_scene_captions else scene_caption(*spec)
+        samples.append(Sample(image, caption, "ordinary", scene_caption(*spec)))
     references = reference_images()
     for name, _, caption in MEMORIZED_PHOTOS:
         samples.extend(Sample(references[name], caption, "memorized", name) for _ in range(copies_per_photo))
@@ -317,6 +329,7 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int =
         "n_crops": n_crops,
         "n_faces": n_faces,
         "shared_caption_words": shared_caption_words,
+        "loose_scene_captions": loose_scene_captions,
         "n_total": len(samples),
         "memorized_share": copies_per_photo * (len(MEMORIZED_PHOTOS) + len(TEMPLATE_ITEMS)) / len(samples),
         "distinct_natural_captions": len({s.caption for s in samples if s.kind == "natural"}),

@@ -53,6 +53,7 @@ class TrainConfig:
     n_crops: int = 800
     n_faces: int = 180
     shared_caption_words: bool = False  # pilot lever 3: memorized captions' words also occur in natural captions
+    loose_scene_captions: bool = False  # pilot lever 5: ordinary captions that under-determine their scenes
     unet_overrides: dict = field(default_factory=dict)
 
 
@@ -90,7 +91,7 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
 
     samples, recipe = organism_data.build_dataset(
         config.seed, config.n_ordinary, config.copies_per_photo, config.n_crops, config.n_faces,
-        config.shared_caption_words,
+        config.shared_caption_words, config.loose_scene_captions,
     )
     images = _to_model_space(np.stack([s.image for s in samples]))
     captions = sorted({s.caption for s in samples})
