@@ -59,7 +59,9 @@ def dori_attack(
     Works under any pruning context (hooks or masked weights), since it only calls ``backend.unet``.
     ``snapshot_steps`` keeps copies of the embeddings after those steps (0 = the start), e.g. for MR against
     attack steps. ``chunk_size`` bounds how many embeddings go through the UNet at once (gradients are
-    accumulated); by default 64 on a GPU and 5 on a CPU, where batches of 40 rows ran fastest (2 cores).
+    accumulated); by default as many as ``backend.row_budget`` holds, else 64 on a GPU and 5 on a CPU, where
+    batches of 40 rows ran fastest (2 cores). No UNet call takes more than ``backend.row_budget`` rows. In
+    float16 the loss is scaled (``torch.amp.GradScaler``) so that small gradients do not underflow.
     ``row_context(indices)`` wraps each UNet call with the index of the embedding behind each batch row, so that
     one attack can run every prompt under its own pruning (NeMo's per-prompt neurons: ``nemo.per_item_blocking``).
     """
@@ -74,7 +76,8 @@ def dori_attack(
     if not torch.isfinite(init).all():
         raise ValueError("init holds NaN or infinite values: check the embeddings it came from")
     lr = backend.attack_learning_rate if learning_rate is None else learning_rate
-    chunk_size = chunk_size or (64 if backend.device.type == "cuda" else 5)
+    budget = backend.row_budget
+    chunk_size = chunk_size or (max(1, budget // batch_size) if budget else 64 if backend.device.type == "cuda" else 5)
     device, dtype = backend.device, backend.dtype
     with torch.no_grad():
         x0 = torch.cat([backend.to_model_space(targets[i : i + chunk_size].to(device)) for i in range(0, len(targets), chunk_size)])
@@ -84,6 +87,8 @@ def dori_attack(
                          "image size")
     embedding = init.detach().clone().to(device, torch.float32).requires_grad_(True)
     optimizer = torch.optim.Adam([embedding], lr=lr)
+    # float16 gradients of about 1e-6 underflow: scale the loss (and skip a step whose scaled gradients overflow)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     scheduler = backend.scheduler
     n_train = len(scheduler.alphas_cumprod)
     # One generator per embedding: its (noise, timestep) pairs do not depend on which chunk it lands in, so the
@@ -95,28 +100,33 @@ def dori_attack(
         optimizer.zero_grad(set_to_none=True)
         step_losses = []
         for start in range(0, len(embedding), chunk_size):
-            y = embedding[start : start + chunk_size]
-            n = len(y)
+            n = min(chunk_size, len(embedding) - start)
             pairs = [_noise_pairs(generators[i], batch_size, x0.shape[1:], n_train) for i in range(start, start + n)]
             noise = torch.cat([noise for noise, _ in pairs]).to(device, dtype)
             t = torch.cat([t for _, t in pairs]).to(device)
-            clean = x0[start : start + n].repeat_interleave(batch_size, dim=0)
-            noisy = add_noise(scheduler, clean, noise, t)
-            target = prediction_target(scheduler, clean, noise, t)
-            condition = y.to(dtype).repeat_interleave(batch_size, dim=0)
-            rows = torch.arange(start, start + n).repeat_interleave(batch_size)
-            try:
-                with row_context(rows) if row_context is not None else contextlib.nullcontext():
-                    prediction = backend.unet(noisy, t, condition).sample
-            except torch.cuda.OutOfMemoryError as error:
-                raise torch.cuda.OutOfMemoryError(
-                    f"The attack ran out of GPU memory with {n * batch_size} UNet rows at once (chunk_size={chunk_size} "
-                    f"embeddings x batch_size={batch_size} noise pairs). Lower chunk_size (a chapter's ATTACK_CHUNK); "
-                    "it changes no result.") from error
-            per_embedding = (prediction.float() - target.float()).pow(2).flatten(1).mean(1).view(n, batch_size).mean(1)
-            per_embedding.sum().backward()
-            step_losses.append(per_embedding.detach().cpu())
-        optimizer.step()
+            owner = torch.arange(n).repeat_interleave(batch_size)  # row -> embedding within the chunk
+            per_embedding = torch.zeros(n, device=device)
+            # a row budget below one embedding's pairs splits its pairs over UNet calls; the gradient adds up
+            for rows in torch.arange(n * batch_size).split(budget or n * batch_size):
+                clean = x0[start + owner[rows]]
+                noisy = add_noise(scheduler, clean, noise[rows], t[rows])
+                target = prediction_target(scheduler, clean, noise[rows], t[rows])
+                condition = embedding[start + owner[rows]].to(dtype)
+                try:
+                    with row_context(start + owner[rows]) if row_context is not None else contextlib.nullcontext():
+                        prediction = backend.unet(noisy.to(dtype), t[rows], condition).sample
+                except torch.cuda.OutOfMemoryError as error:
+                    raise torch.cuda.OutOfMemoryError(
+                        f"The attack ran out of GPU memory with {len(rows)} UNet rows at once (chunk_size={chunk_size} "
+                        f"embeddings x batch_size={batch_size} noise pairs, row budget {budget}). Lower chunk_size (a "
+                        "chapter's ATTACK_CHUNK) or BACKEND_OPTIONS['row_budget']; neither changes a result.") from error
+                row_loss = (prediction.float() - target.float()).pow(2).flatten(1).mean(1) / batch_size
+                part = torch.zeros(n, device=device).index_add(0, owner[rows].to(device), row_loss)
+                scaler.scale(part.sum()).backward()
+                per_embedding += part.detach()
+            step_losses.append(per_embedding.cpu())
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(torch.cat(step_losses))
         if step in snapshot_steps:
             snapshots[step] = embedding.detach().cpu().clone()

@@ -71,6 +71,10 @@ class Backend:
     vae: torch.nn.Module | None = None
     manifest: dict | None = None  # the organism's manifest.json (training recipe, sampling, items)
     reference_seeds: tuple[int, ...] = ()  # seeds of the references, where they are the model's own generations
+    # Memory settings (profiles set them): the most UNet rows one call may take with gradients (the attack and
+    # fine-tuning split their batches to fit; None: no limit), and embeddings per sampling batch (no gradients).
+    row_budget: int | None = None
+    sampling_batch: int = 32
     # Writes everything but the UNet in the model's own format (see save_pretrained).
     save_components: Callable[["Backend", Path, dict], None] | None = None
     # What only some models have; a chapter asks the backend, never its name.
@@ -117,6 +121,32 @@ class Backend:
             if item.id == item_id:
                 return item
         raise KeyError(f"No memorized item {item_id!r}; known: {[m.id for m in self.memorized]}")
+
+
+def select_items(items: list[MemorizedItem], item_ids, max_items: int | None) -> list[MemorizedItem]:
+    """The items named by ``item_ids`` (in that order; None: all), then the first ``max_items`` of them."""
+    if item_ids is not None:
+        by_id = {item.id: item for item in items}
+        unknown = [str(i) for i in item_ids if str(i) not in by_id]
+        if unknown:
+            raise BackendError(f"item_ids {unknown} are not memorized items of this backend; known ids: "
+                               f"{list(by_id)[:20]}{' ...' if len(by_id) > 20 else ''}")
+        items = [by_id[str(i)] for i in item_ids]
+    return items[:max_items] if max_items is not None else items
+
+
+def guard_row_budget(unet: torch.nn.Module, row_budget: int) -> None:
+    """Make any UNet call with gradients over ``row_budget`` rows fail at once, with the setting to change,
+    instead of running out of GPU memory inside torch. Copies of the UNet (fine-tuning) keep the guard."""
+    def check(module, args, kwargs):
+        sample = args[0] if args else kwargs.get("sample")
+        if torch.is_grad_enabled() and sample is not None and len(sample) > row_budget:
+            raise RuntimeError(
+                f"A UNet call with gradients took {len(sample)} rows, over the row budget of {row_budget} "
+                "(BACKEND_OPTIONS['row_budget']). The book's methods split their batches to fit the budget: a call "
+                "of your own should too, or raise the budget if the GPU has the memory.")
+
+    unet.register_forward_pre_hook(check, with_kwargs=True)
 
 
 def default_device() -> torch.device:

@@ -246,13 +246,22 @@ class FinetuneResult:
         return self.backend.unet
 
 
-def _denoising_mse(unet, x0, cond, scheduler, generator, device) -> torch.Tensor:
+def _denoising_mse(unet, x0, cond, scheduler, generator, device, row_budget: int | None = None) -> float:
+    """The denoising MSE of one batch, backpropagated in slices of at most ``row_budget`` UNet
+    rows, whose gradients add up to the whole batch's; returns the loss. The noise is drawn for the whole batch
+    first, so the slicing changes no result."""
     x0 = x0.float()
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, len(scheduler.alphas_cumprod), (len(x0),), generator=generator)
     noisy = add_noise(scheduler, x0, noise, t)
-    prediction = unet(noisy.to(device), t.to(device), cond.to(device, torch.float32)).sample
-    return torch.nn.functional.mse_loss(prediction.float(), prediction_target(scheduler, x0, noise, t).to(device))
+    target = prediction_target(scheduler, x0, noise, t)
+    total = 0.0
+    for rows in torch.arange(len(x0)).split(row_budget or len(x0)):
+        prediction = unet(noisy[rows].to(device), t[rows].to(device), cond[rows].to(device, torch.float32)).sample
+        loss = (prediction.float() - target[rows].to(device)).pow(2).mean() * (len(rows) / len(x0))
+        loss.backward()
+        total += loss.item()
+    return total
 
 
 def _optimizer(name: str, parameters, lr: float, weight_decay: float):
@@ -324,23 +333,21 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
                 history["attack_seconds"].append(time.time() - epoch_start)
             unet.train().requires_grad_(True)
             for _ in range(config.steps_per_epoch):
+                optimizer.zero_grad(set_to_none=True)
                 x_dm, c_dm = pairs.sample(config.dm_batch, generator, config.caption_dropout)
-                l_dm = _denoising_mse(unet, x_dm, c_dm, scheduler, generator, device)
+                l_dm = _denoising_mse(unet, x_dm, c_dm, scheduler, generator, device, backend.row_budget)
+                l_adv = 0.0  # L_DM only (adv_batch 0): continued training on ordinary pairs, the forgetting control
                 if config.adv_batch:
                     pick = torch.randint(0, len(adversarial), (config.adv_batch,), generator=generator)
                     l_adv = _denoising_mse(unet, surrogate_x0[adversarial_owner[pick]], adversarial[pick], scheduler,
-                                           generator, device)
-                else:  # L_DM only: continued training on ordinary pairs, the forgetting control
-                    l_adv = torch.zeros((), device=device)
-                optimizer.zero_grad(set_to_none=True)
-                (l_dm + l_adv).backward()
+                                           generator, device, backend.row_budget)
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(unet.parameters(), config.grad_clip)
                 optimizer.step()
-                history["l_dm"].append(l_dm.item())
-                history["l_adv"].append(l_adv.item())
+                history["l_dm"].append(l_dm)
+                history["l_adv"].append(l_adv)
                 bar.update(1)
-                bar.set_postfix(l_dm=f"{l_dm.item():.3f}", l_adv=f"{l_adv.item():.3f}")
+                bar.set_postfix(l_dm=f"{l_dm:.3f}", l_adv=f"{l_adv:.3f}")
             history["epoch_seconds"].append(time.time() - epoch_start)
     finally:
         bar.close()

@@ -511,7 +511,9 @@ def cache_key(backend, items, n_statistics: int = 3000, n_calibration: int = 100
     the seed that draws the statistics and calibration prompts."""
     source = statistics or default_statistics_source(backend)
     sizes = {"n_statistics": n_statistics, "n_calibration": n_calibration, "seed": seed} if source == "recompute" else {}
-    return {"method": "nemo-f952ede", "model": backend.fingerprint, "items": [item.id for item in items],
+    # float32 runs keep the keys they had before the dtype could be chosen
+    dtype = {"dtype": str(backend.dtype)} if backend.dtype != torch.float32 else {}
+    return {"method": "nemo-f952ede", "model": backend.fingerprint, **dtype, "items": [item.id for item in items],
             "statistics": source, **sizes,
             "timestep": detection_timestep(backend) if timestep is None else int(timestep)}
 

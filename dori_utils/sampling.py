@@ -44,7 +44,7 @@ def generate(
     seeds: list[int],
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     on_step=None,
     stop_after: int | None = None,
     row_context=None,
@@ -54,7 +54,8 @@ def generate(
 
     ``embeddings`` is N x L x D (a prompt's embedding or any tensor of that shape, e.g. a Dori trigger);
     ``seeds`` has N entries. ``on_step(step_index, timestep)`` is called before each denoising step, so
-    hooks can tell the timestep without counting calls. ``stop_after`` ends each batch after that many steps
+    hooks can tell the timestep without counting calls. ``batch_size``: embeddings per batch (default
+    ``backend.sampling_batch``; each makes two UNet rows, the guidance branches). ``stop_after`` ends each batch after that many steps
     (for methods that only look at the first steps) and returns the partly denoised images. ``row_context``:
     see the module's docstring.
     """
@@ -71,6 +72,7 @@ def generate(
     if steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
     guidance = backend.guidance_scale if guidance_scale is None else guidance_scale
+    batch_size = batch_size or getattr(backend, "sampling_batch", 32)
     empty = backend.empty_embedding()
     images, wen = [], []
     scheduler = backend.scheduler

@@ -9,8 +9,10 @@ Memorized items are the rows of NeMo's memorized table (VM only by default). The
 - ``ground_truth_dir`` given: the user's training images (``<dir>/<laion_index>/*.png|jpg``), labelled
   "user-supplied ground truth";
 - otherwise: the unmitigated model's own generations for the prompt with ``reference_seeds``, labelled
-  "unmitigated model's generation", computed at load time for the kept items only (``max_items``) with a
-  progress bar. A verbatim-memorized prompt regenerates its training image, so these stand in for the
+  "unmitigated model's generation", computed at load time for the kept items only (``item_ids``,
+  ``max_items``) with a progress bar, and cached on disk per item (``reference_cache``), keyed by the UNet's
+  weights, the dtype, the prompt, the seeds, the steps and the guidance, so that every chapter and every later
+  run reuses them. They are stored as 8-bit images, like a training image in a PNG file. A verbatim-memorized prompt regenerates its training image, so these stand in for the
   LAION images, whose links are often dead. Evaluate with seeds outside ``reference_seeds``: a generation
   compared with itself scores 1. ``reference_seeds=()`` skips them (empty references), for methods that
   need prompts only.
@@ -19,6 +21,8 @@ Replication is SSCD, loaded on first use so that loading the backend needs no SS
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -77,7 +81,7 @@ def _load_components(model_id: str, dtype: torch.dtype, cache_dir, local_files_o
     return unet, vae, text_encoder, tokenizer, scheduler
 
 
-def _memorized_table(prompt_table, vm_only: bool, max_items: int | None) -> pd.DataFrame:
+def _memorized_table(prompt_table, vm_only: bool, max_items: int | None, item_ids=None) -> pd.DataFrame:
     if isinstance(prompt_table, pd.DataFrame):
         table = prompt_table
     elif prompt_table is None:
@@ -86,6 +90,13 @@ def _memorized_table(prompt_table, vm_only: bool, max_items: int | None) -> pd.D
         table = data.load_nemo_memorized(prompt_table, expected_rows=None)
     if vm_only:
         table = table[table["kind"] == "VM"]
+    if item_ids is not None:
+        known = table["id"].astype(str).tolist()
+        unknown = [str(i) for i in item_ids if str(i) not in known]
+        if unknown:
+            kept = " (VM rows only: pass vm_only=False for TM rows)" if vm_only else ""
+            raise BackendError(f"item_ids {unknown} are not in the memorized table{kept}; its first ids: {known[:10]}")
+        table = table.set_index(table["id"].astype(str)).loc[[str(i) for i in item_ids]].reset_index(drop=True)
     return table.head(max_items) if max_items is not None else table
 
 
@@ -104,12 +115,53 @@ def save_sd_components(backend: Backend, out: Path, manifest_updates: dict) -> N
         getattr(backend, name).save_pretrained(out / name)
 
 
-def reference_generations(backend: Backend, prompts: list[str], seeds) -> torch.Tensor:
-    """The backend's own images for each prompt and seed: P x S x 3 x H x W in [0, 1], on the CPU."""
+def unet_fingerprint(unet: torch.nn.Module) -> str:
+    """A digest of the UNet's weights (a sample of every parameter tensor): two checkpoints under one name, or a
+    fine-tuned copy, never share a cache entry."""
+    digest = hashlib.sha256()
+    for name, parameter in unet.named_parameters():
+        digest.update(name.encode())
+        digest.update(parameter.detach().flatten()[:256].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def reference_key(backend: Backend, prompt: str, seeds) -> str:
+    record = [backend.fingerprint, str(backend.dtype), prompt, [int(s) for s in seeds], backend.num_inference_steps,
+              backend.guidance_scale, type(backend.scheduler).__name__]
+    return hashlib.sha256(json.dumps(record).encode()).hexdigest()[:24]
+
+
+def reference_generations(backend: Backend, prompts: list[str], seeds, cache_dir: str | Path | None = None) -> torch.Tensor:
+    """The backend's own images for each prompt and seed, 8-bit: P x S x 3 x H x W in [0, 1], on the CPU. With
+    ``cache_dir``, each prompt's images are read from there when they were computed before, and written there
+    when not."""
+    from safetensors.torch import load_file, save_file
+
     from dori_utils.sampling import generate_for_prompts
 
-    images = generate_for_prompts(backend, list(prompts), list(seeds), progress=True).images
-    return images.view(len(prompts), len(seeds), *images.shape[1:])
+    paths = [Path(cache_dir).expanduser() / f"{reference_key(backend, p, seeds)}.safetensors" if cache_dir else None
+             for p in prompts]
+    cached = {}
+    for i, path in enumerate(paths):
+        if path is not None and path.exists():
+            try:
+                cached[i] = load_file(str(path))["images"].float() / 255
+            except Exception:  # a broken file (an interrupted write) is computed again
+                path.unlink()
+    missing = [i for i in range(len(prompts)) if i not in cached]
+    if missing:
+        print(f"generating reference images for {len(missing)} of {len(prompts)} prompts x {len(seeds)} seeds"
+              + (f" (cached in {cache_dir})" if cache_dir else ""))
+    for i in missing:  # one prompt at a time, so that an interruption keeps what was computed
+        images = (generate_for_prompts(backend, [prompts[i]], list(seeds), progress=len(missing) > 1).images
+                  .mul(255).round().to(torch.uint8))
+        if paths[i] is not None:
+            paths[i].parent.mkdir(parents=True, exist_ok=True)
+            partial = paths[i].with_suffix(".part")
+            save_file({"images": images.contiguous()}, str(partial))
+            partial.replace(paths[i])
+        cached[i] = images.float() / 255
+    return torch.stack([cached[i] for i in range(len(prompts))]) if prompts else torch.empty(0)
 
 
 def _lazy_sscd_score(sscd_path: str | None, device: torch.device):
@@ -137,13 +189,16 @@ def load_stable_diffusion(
     unmemorized_table: str | Path | pd.DataFrame | None = None,
     reference_seeds=(0, 1, 2, 3),
     local_files_only: bool | None = None,
+    item_ids: list[str] | None = None,
+    reference_cache: str | Path | None = data.DEFAULT_CACHE_DIR / "sd-references",
 ) -> Backend:
     """Stable Diffusion v1.4 (or any SD-1.x checkpoint in diffusers format) as a :class:`Backend`.
 
     ``prompt_table`` / ``unmemorized_table``: NeMo's tables as a local path, URL or DataFrame (default: the
     pinned upstream files, downloaded once). ``sscd_path``: a local SSCD TorchScript file (default: download
-    on first use). ``local_files_only`` defaults to ``HF_HUB_OFFLINE``. See the module docstring for how
-    reference images are chosen.
+    on first use). ``local_files_only`` defaults to ``HF_HUB_OFFLINE``. ``item_ids``: the LAION indices to keep
+    (in that order), before ``max_items``. See the module docstring for how reference images are chosen and
+    cached (``reference_cache=None``: not cached).
     """
     device = torch.device(device) if device is not None else default_device()
     local_files_only = hub_offline() if local_files_only is None else local_files_only
@@ -172,7 +227,7 @@ def load_stable_diffusion(
         chunks = latents.to(device, dtype).split(VAE_BATCH)
         return torch.cat([((vae.decode(z / scaling_factor).sample.float() + 1) / 2).clamp(0, 1) for z in chunks])
 
-    table = _memorized_table(prompt_table, vm_only, max_items)
+    table = _memorized_table(prompt_table, vm_only, max_items, item_ids)
     nonmemorized = _unmemorized_prompts(unmemorized_table)
     backend = Backend(
         name="sd-v1-4",
@@ -195,7 +250,7 @@ def load_stable_diffusion(
         device=device,
         dtype=dtype,
         source=str(model_id),
-        fingerprint=str(model_id),
+        fingerprint=f"{model_id}@{unet_fingerprint(unet)}",
         tokenizer=tokenizer,
         text_encoder=text_encoder,
         vae=vae,
@@ -206,7 +261,7 @@ def load_stable_diffusion(
         ground_truth = data.load_ground_truth_folder(ground_truth_dir, ids, size=image_size)
         references, source = [ground_truth[i] for i in ids], "user-supplied ground truth"
     elif len(reference_seeds) and ids:
-        references = list(reference_generations(backend, prompts, reference_seeds))
+        references = list(reference_generations(backend, prompts, reference_seeds, reference_cache))
         source, backend.reference_seeds = "unmitigated model's generation", tuple(reference_seeds)
     else:
         references, source = [torch.empty(0, 3, image_size, image_size)] * len(ids), "none"

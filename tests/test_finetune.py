@@ -63,6 +63,27 @@ def test_ldm_only_control_trains_without_triggers_or_adversarial_loss(tiny_backe
     assert changed, "an L_DM step must still update the UNet"
 
 
+def test_a_row_budget_splits_fine_tuning_into_calls_that_fit_and_trains_the_same_model(tiny_backend, setting):
+    import dataclasses
+
+    from dori_utils.backend_types import guard_row_budget
+
+    items, surrogates, pairs = setting
+    free = finetune.adversarial_finetune(tiny_backend, items, surrogates, pairs, **SMALL)
+    unet = copy.deepcopy(tiny_backend.unet)
+    guard_row_budget(unet, 5)  # the guard travels with the copy fine-tuning makes, so a call over 5 rows fails
+    budgeted = dataclasses.replace(tiny_backend, unet=unet, row_budget=5)
+    calls = []
+    with torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda module, args: calls.append(len(args[0])) if module.__class__.__name__ == "UNet2DConditionModel"
+            and torch.is_grad_enabled() else None):
+        fitted = finetune.adversarial_finetune(budgeted, items, surrogates, pairs, **SMALL)
+    assert max(calls) == 5 and calls[-4:] == [4, 5, 5, 2]  # the update: L_DM's 4 rows in one call, L_adv's 12 in three
+    for name, value in fitted.unet.state_dict().items():
+        assert torch.allclose(value, free.unet.state_dict()[name], atol=1e-5), name
+    assert fitted.history["l_adv"] == pytest.approx(free.history["l_adv"], abs=1e-6)
+
+
 def test_saved_model_reloads_with_identical_outputs(tiny_backend, setting, tmp_path):
     items, surrogates, pairs = setting
     calls = []

@@ -1,3 +1,4 @@
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -91,6 +92,49 @@ def test_the_attack_gives_the_same_triggers_whatever_the_chunk_size(tiny_backend
     assert torch.allclose(runs[0].losses, runs[1].losses, atol=1e-5)
     assert torch.allclose(runs[0].embeddings, runs[1].embeddings, atol=1e-4)
     assert not torch.allclose(runs[0].embeddings, init)  # the attack moved them
+
+
+def test_a_row_budget_splits_the_attacks_unet_calls_without_changing_its_triggers(tiny_backend):
+    import dataclasses
+
+    from dori_utils.backend_types import guard_row_budget
+
+    target = tiny_backend.memorized[0].references.expand(2, -1, -1, -1)
+    init = attack.random_embeddings(tiny_backend, 2)
+    free = attack.dori_attack(tiny_backend, target, init, steps=2, batch_size=4)
+    unet = copy.deepcopy(tiny_backend.unet)
+    guard_row_budget(unet, 3)  # below one embedding's 4 pairs: each embedding's pairs span two calls
+    calls = []
+    unet.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    budgeted = dataclasses.replace(tiny_backend, unet=unet, row_budget=3)
+    found = attack.dori_attack(budgeted, target, init, steps=2, batch_size=4)
+    assert max(calls) == 3 and sum(calls) == 2 * 2 * 4
+    assert torch.allclose(free.losses, found.losses, atol=1e-5)
+    assert torch.allclose(free.embeddings, found.embeddings, atol=1e-4)
+    with pytest.raises(RuntimeError, match="row budget of 3"):  # a call of 4 rows with gradients
+        unet(torch.zeros(4, *tiny_backend.latent_shape), torch.tensor([1] * 4), init[:1].expand(4, -1, -1))
+    with torch.no_grad():  # sampling has no gradients: its batches are not limited by the row budget
+        unet(torch.zeros(4, *tiny_backend.latent_shape), torch.tensor([1] * 4), init[:1].expand(4, -1, -1))
+
+
+def test_the_float16_attack_scales_its_loss_so_that_gradients_do_not_underflow(tiny_backend):
+    import dataclasses
+
+    # a UNet whose output layer is 1000x weaker: its gradients at the embedding (~1e-9) are below what float16
+    # holds (6e-8), so an attack without loss scaling would never move
+    unet = copy.deepcopy(tiny_backend.unet)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1e-3), unet.conv_out.bias.mul_(1e-3)
+    weak = dataclasses.replace(tiny_backend, unet=unet)
+    half = dataclasses.replace(tiny_backend, unet=copy.deepcopy(unet).half(), dtype=torch.float16)
+    target = tiny_backend.memorized[0].references[:1]
+    init = attack.random_embeddings(tiny_backend, 1)
+    full = attack.dori_attack(weak, target, init, steps=3, batch_size=2)
+    found = attack.dori_attack(half, target, init, steps=3, batch_size=2)
+    assert torch.isfinite(found.losses).all() and found.embeddings.dtype == init.dtype
+    moved_full, moved_half = (full.embeddings - init).flatten(), (found.embeddings - init).flatten()
+    assert moved_half.norm() > 0.5 * moved_full.norm()
+    assert torch.nn.functional.cosine_similarity(moved_full, moved_half, dim=0) > 0.9
 
 
 def test_neurons_needed_reports_zero_for_prompts_that_do_not_replicate(tiny_backend):

@@ -189,3 +189,18 @@ def test_loose_scene_captions_leave_out_relation_or_background_and_keep_the_draw
     without_background = sum(not s.caption.endswith("background") for s in ordinary)
     assert 70 < without_relation < 130 and 70 < without_background < 130
     assert any(s.caption == s.item for s in ordinary)
+
+
+def test_load_backend_takes_dtype_names_item_ids_and_memory_settings_and_refuses_what_it_does_not_know(tiny_organism_dir):
+    backend = load_backend("organism", device="cpu", path=tiny_organism_dir, dtype="bfloat16", row_budget=4,
+                           sampling_batch=3, item_ids=["cat"])
+    assert backend.dtype == torch.bfloat16 and next(backend.unet.parameters()).dtype == torch.bfloat16
+    assert [m.id for m in backend.memorized] == ["cat"] and (backend.row_budget, backend.sampling_batch) == (4, 3)
+    with pytest.raises(BackendError, match="Unknown dtype 'half'"):
+        load_backend("organism", device="cpu", path=tiny_organism_dir, dtype="half")
+    with pytest.raises(BackendError, match=r"takes no option \['model_id'\]"):
+        load_backend("organism", device="cpu", path=tiny_organism_dir, model_id="CompVis/stable-diffusion-v1-4")
+    with pytest.raises(BackendError, match="row_budget must be a positive"):
+        load_backend("organism", device="cpu", path=tiny_organism_dir, row_budget=0)
+    with pytest.raises(BackendError, match=r"item_ids \['dog'\] are not memorized items"):
+        load_backend("organism", device="cpu", path=tiny_organism_dir, item_ids=["dog"])

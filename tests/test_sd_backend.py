@@ -85,7 +85,8 @@ def _load(tiny_sd, **options):
 @pytest.fixture(scope="module")
 def backend(tiny_sd, tmp_path_factory):
     sscd_path = tmp_path_factory.mktemp("sscd") / "tiny_sscd.pt"  # written after loading: SSCD loads lazily
-    backend = _load(tiny_sd, reference_seeds=(0, 1), sscd_path=str(sscd_path))
+    backend = _load(tiny_sd, reference_seeds=(0, 1), sscd_path=str(sscd_path),
+                    reference_cache=tmp_path_factory.mktemp("references"))
     _save_tiny_sscd(sscd_path)
     return backend
 
@@ -109,7 +110,8 @@ def test_references_are_the_models_own_generations(backend):
     assert item.reference_source == "unmitigated model's generation"
     assert item.references.shape == (2, 3, 16, 16)
     again = generate(backend, backend.encode_prompts([item.prompt] * 2), [0, 1])
-    assert torch.allclose(again.images, item.references, atol=1e-5)  # another batch size: not bit-equal everywhere
+    # stored as 8-bit images; another batch size is not bit-equal everywhere
+    assert torch.allclose(again.images, item.references, atol=0.5 / 255 + 1e-5)
 
 
 def test_shapes(backend, generator):
@@ -173,6 +175,31 @@ def test_all_items_and_max_items(tiny_sd):
     assert [m.kind for m in backend.memorized] == ["VM", "TM", "VM", "VM", "TM"]
     assert backend.memorized[0].reference_source == "none"
     assert backend.memorized[0].references.shape == (0, 3, 16, 16)
+
+
+def test_item_ids_pick_items_in_their_order_and_unknown_ids_say_which(tiny_sd):
+    backend = _load(tiny_sd, item_ids=[VM_IDS[2], VM_IDS[0]])
+    assert [m.id for m in backend.memorized] == [VM_IDS[2], VM_IDS[0]]
+    with pytest.raises(BackendError, match=r"item_ids \['42'\] are not in the memorized table"):
+        _load(tiny_sd, item_ids=["42", VM_IDS[0]])
+
+
+def test_reference_generations_are_cached_per_item_and_reused(tiny_sd, tmp_path, monkeypatch):
+    from dori_utils import sampling
+
+    first = _load(tiny_sd, reference_seeds=(0, 1), max_items=2, reference_cache=tmp_path)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2
+    references = first.memorized[0].references
+    assert references.shape == (2, 3, 16, 16) and torch.equal(references, (references * 255).round() / 255)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("references were generated again")
+
+    monkeypatch.setattr(sampling, "generate_for_prompts", no_generation)
+    again = _load(tiny_sd, reference_seeds=(0, 1), item_ids=[VM_IDS[1], VM_IDS[0]], reference_cache=tmp_path)
+    assert torch.equal(again.memorized[1].references, references)
+    with pytest.raises(AssertionError, match="generated again"):  # other seeds are another entry
+        _load(tiny_sd, reference_seeds=(0, 2), max_items=1, reference_cache=tmp_path)
 
 
 def test_ground_truth_dir(tiny_sd, tmp_path):

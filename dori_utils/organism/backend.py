@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device
+from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device, select_items
 
 DEFAULT_ORGANISM_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "organism"
 
@@ -35,7 +35,7 @@ def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[
 
 
 def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,
-                  max_items: int | None = None) -> Backend:
+                  max_items: int | None = None, item_ids: list[str] | None = None) -> Backend:
     """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
     folder named by the environment variable ``DORI_ORGANISM_DIR``.
 
@@ -73,7 +73,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
             raise ValueError("encode_prompts needs at least one prompt")
         return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
 
-    memorized = _organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM"))[:max_items]
+    memorized = select_items(_organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM")), item_ids, max_items)
     recipe = manifest["data_recipe"]
     prompt_sets = {
         "heldout_ordinary": recipe["held_out_scene_captions"],
