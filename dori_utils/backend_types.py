@@ -77,6 +77,9 @@ class Backend:
     sampling_batch: int = 32
     # Writes everything but the UNet in the model's own format (see save_pretrained).
     save_components: Callable[["Backend", Path, dict], None] | None = None
+    # Prompt sets that memorize nothing, by the label a chapter shows (label -> key of prompt_sets), the first
+    # the closest to the memorized prompts: the controls of chapter 0's threshold and detectors.
+    control_sets: dict[str, str] = dataclasses.field(default_factory=lambda: {"non-memorized prompts": "nonmemorized"})
     # What only some models have; a chapter asks the backend, never its name.
     utility_name: str | None = None  # e.g. "attribute accuracy"
     utility: Callable[[torch.Tensor, list[str]], float] | None = None  # images N x 3 x H x W in [0, 1], their prompts

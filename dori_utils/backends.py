@@ -51,7 +51,8 @@ def load_backend(name: str = "organism", device: str | torch.device | None = Non
     embeddings per sampling batch. Other options go to the loader: ``path`` for the organism; ``model_id`` (a
     Hub id or a folder written by ``save_pretrained``), ``cache_dir``, ``ground_truth_dir``, ``sscd_path``,
     ``prompt_table``, ``unmemorized_table``, ``reference_cache`` for SD; ``vm_only`` (default True:
-    verbatim-memorized items only), ``item_ids`` and ``max_items`` for both. A chapter passes its
+    verbatim-memorized items only), ``item_ids``, ``max_items`` and ``num_inference_steps`` (sampling steps
+    instead of the model's own: faster, and further from the paper's setting) for both. A chapter passes its
     ``BACKEND_OPTIONS`` here.
     """
     if name not in LOADERS:

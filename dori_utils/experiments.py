@@ -81,6 +81,21 @@ def nemo_neurons(backend: Backend, config: SharedConfig, items=None, progress: b
 
 # ------------------------------------------------------------------- chapter 0: the model and its memorization
 
+def control_generations(backend: Backend, sizes: list[int], seed: int = 0, progress: bool = True):
+    """Chapter 0's control sets, prompts that memorize nothing: the backend's ``control_sets`` (label -> prompt
+    set, in order; the organism: held-out scene captions, unseen natural captions; SD: non-memorized LAION
+    prompts), the i-th drawn to ``sizes[i]`` prompts, each generated with seed 0. Returns (label -> prompts,
+    label -> samples); the first set calibrates the threshold."""
+    from dori_utils.sampling import generate_for_prompts
+
+    sets = list(backend.control_sets.items())[: len(sizes)]
+    if not sets:
+        raise ValueError(f"The {backend.name} backend names no control prompt sets (Backend.control_sets).")
+    drawn = sample_prompt_sets(backend, {name: n for (_, name), n in zip(sets, sizes)}, seed)
+    prompts = {label: drawn[name] for label, name in sets}
+    return prompts, {label: generate_for_prompts(backend, p, [0], progress=progress) for label, p in prompts.items()}
+
+
 def training_pair_counts(samples) -> pd.DataFrame:
     """How many training pairs of each kind, and how many distinct captions among them."""
     counts = pd.Series([s.kind for s in samples]).value_counts().rename("pairs").to_frame()

@@ -191,6 +191,7 @@ def load_stable_diffusion(
     local_files_only: bool | None = None,
     item_ids: list[str] | None = None,
     reference_cache: str | Path | None = data.DEFAULT_CACHE_DIR / "sd-references",
+    num_inference_steps: int = 50,
 ) -> Backend:
     """Stable Diffusion v1.4 (or any SD-1.x checkpoint in diffusers format) as a :class:`Backend`.
 
@@ -242,10 +243,11 @@ def load_stable_diffusion(
                            "ImageNet mean/std normalisation), max over reference images",
         memorized=[],
         prompt_sets={"nonmemorized": nonmemorized, "statistics": nonmemorized, "utility": nonmemorized},
+        control_sets={"non-memorized LAION prompts": "nonmemorized"},
         embedding_shape=(tokenizer.model_max_length, text_encoder.config.hidden_size),
         latent_shape=(unet.config.in_channels, latent_size, latent_size),
         embedding_spread=CLIP_EMBEDDING_SPREAD,
-        num_inference_steps=50,
+        num_inference_steps=num_inference_steps,
         guidance_scale=7.0,
         device=device,
         dtype=dtype,

@@ -30,8 +30,10 @@ def ff_layers(unet) -> list[str]:
 @torch.no_grad()
 def input_norms(backend, embeddings: torch.Tensor, seeds: list[int], union_steps: int = 10,
                 layers: list[str] | None = None, **sampling_kwargs) -> dict[str, torch.Tensor]:
-    """layer -> union_steps x in_features: ||X_j||_2 of the inputs of each ``ff.net.2`` at each early step."""
+    """layer -> union_steps x in_features: ||X_j||_2 of the inputs of each ``ff.net.2`` at each early step (at
+    most as many steps as sampling takes)."""
     layers = layers or ff_layers(backend.unet)
+    union_steps = min(union_steps, sampling_kwargs.get("num_inference_steps") or backend.num_inference_steps)
     sums: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     current = {"step": 0}
 

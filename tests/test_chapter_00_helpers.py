@@ -135,3 +135,15 @@ def test_evaluation_refuses_the_seeds_the_references_were_generated_with(tiny_ba
         evaluation.evaluate_items(generated, [1, 5], items=items)
     assert evaluation.evaluate_items(generated, [5], items=items, num_inference_steps=1).scores.shape == (1, 1)
     evaluation.evaluate_items(tiny_backend, [0], items=tiny_backend.memorized[:1], num_inference_steps=1)  # training images
+
+
+def test_control_generations_follow_the_backends_control_sets_in_order(tiny_backend):
+    prompts, controls = experiments.control_generations(tiny_backend, [3, 2], seed=0, progress=False)
+    assert list(prompts) == list(controls) == ["held-out scene captions", "unseen natural captions"]
+    assert [len(p) for p in prompts.values()] == [3, 2] and [len(s.images) for s in controls.values()] == [3, 2]
+    assert set(prompts["held-out scene captions"]) <= set(tiny_backend.prompt_sets["heldout_ordinary"])
+    # the same draws as sampling the sets directly, so chapter 0's prompts did not change with the function
+    drawn = experiments.sample_prompt_sets(tiny_backend, {"heldout_ordinary": 3, "unseen_natural": 2}, seed=0)
+    assert list(prompts.values()) == list(drawn.values())
+    only_first, _ = experiments.control_generations(tiny_backend, [2], seed=0, progress=False)
+    assert list(only_first) == ["held-out scene captions"]

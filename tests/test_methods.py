@@ -509,3 +509,9 @@ def test_detection_by_timestep_reports_each_timestep(tiny_backend):
         assert 0 <= row["memorized flagged"] <= 1 and 0 <= row["ordinary flagged"] <= 1 and 0 <= row["AUC"] <= 1
         threshold, _ = nemo.calibrate_threshold(tiny_backend, embeddings[3:], range(4), row["timestep"])
         assert row["threshold"] == pytest.approx(threshold)
+
+
+def test_wanda_reads_at_most_as_many_steps_as_sampling_takes(tiny_backend):
+    embeddings = tiny_backend.encode_prompts(tiny_backend.prompt_sets["heldout_ordinary"][:2])
+    norms = wanda.input_norms(tiny_backend, embeddings, [0, 1], union_steps=10)  # the tiny backend samples 4 steps
+    assert {tuple(v.shape[:1]) for v in norms.values()} == {(tiny_backend.num_inference_steps,)}

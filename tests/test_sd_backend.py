@@ -10,6 +10,8 @@ from dori_utils.backends import BackendError, load_backend
 from dori_utils.metrics import load_sscd, sscd_scorer
 from dori_utils.sampling import generate
 
+from conftest import save_tiny_sscd as _save_tiny_sscd
+
 # SSCD ships only as TorchScript, which torch 2.13 deprecates; the stand-in must be TorchScript too.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")
 
@@ -17,64 +19,6 @@ FIXTURES = Path(__file__).parent / "fixtures"
 MEMORIZED = FIXTURES / "nemo_memorized_6.csv"
 UNMEMORIZED = FIXTURES / "nemo_unmemorized_4.csv"
 VM_IDS = ["1030727993", "567947515", "851022632"]
-
-
-def _tiny_tokenizer(folder: Path):
-    """A character-level CLIP tokenizer: every letter and digit is a token, so no merges are needed."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in "abcdefghijklmnopqrstuvwxyz0123456789":
-        vocab[char] = len(vocab)
-        vocab[char + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-
-
-@pytest.fixture(scope="session")
-def tiny_sd(tmp_path_factory) -> str:
-    """A 7 MB SD-1.x pipeline (16 px images, 8 x 8 latents, 32-d text embeddings) in diffusers format."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    folder = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer = _tiny_tokenizer(folder)
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, attention_head_dim=8)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=16)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(folder / "pipeline")
-    return str(folder / "pipeline")
-
-
-class TinySSCD(torch.nn.Module):
-    """Stands in for the SSCD TorchScript file: pooled convolution features, 8-d descriptors."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, kernel_size=5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x).relu().mean(dim=(2, 3))
-
-
-def _save_tiny_sscd(path: Path) -> Path:
-    torch.manual_seed(0)
-    torch.jit.save(torch.jit.script(TinySSCD()), str(path))
-    return path
 
 
 def _load(tiny_sd, **options):
@@ -272,7 +216,6 @@ def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths
     path.write_bytes(b"not a torch file")
     with pytest.raises(ValueError, match="not a NeMo statistics file"):
         nemo.published_statistics(backend, path)
-    assert nemo.default_statistics_source(backend) == "published"
     with pytest.raises(ValueError, match="statistics must be one of"):
         nemo.find_neurons(backend, [], statistics="laion")
 
@@ -280,3 +223,13 @@ def test_nemo_reads_published_statistics_in_nemos_format_and_checks_their_widths
 def test_sd_encode_prompts_rejects_an_empty_list(backend):
     with pytest.raises(ValueError, match="at least one prompt"):
         backend.encode_prompts([])
+
+
+def test_nemo_reads_published_statistics_only_for_a_model_of_sd_v1_4s_shapes(backend):
+    import dataclasses
+
+    from dori_utils import nemo
+
+    assert nemo.default_statistics_source(backend) == "recompute"  # the tiny pipeline's layers are narrower
+    full_size = dataclasses.replace(backend, embedding_shape=(77, 768), latent_shape=(4, 64, 64))
+    assert nemo.default_statistics_source(full_size) == "published"

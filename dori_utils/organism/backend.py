@@ -35,7 +35,8 @@ def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[
 
 
 def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,
-                  max_items: int | None = None, item_ids: list[str] | None = None) -> Backend:
+                  max_items: int | None = None, item_ids: list[str] | None = None,
+                  num_inference_steps: int | None = None) -> Backend:
     """The model organism, from its diffusers-format checkpoint in ``data/organism``, or ``path``, or the
     folder named by the environment variable ``DORI_ORGANISM_DIR``.
 
@@ -101,10 +102,11 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         replication_metric="SSIM (32x32 RGB, Gaussian window 7, sigma 1.5)",
         memorized=memorized,
         prompt_sets=prompt_sets,
+        control_sets={"held-out scene captions": "heldout_ordinary", "unseen natural captions": "unseen_natural"},
         embedding_shape=(16, 384),
         latent_shape=(3, size, size),
         embedding_spread=embedding_spread,
-        num_inference_steps=int(manifest.get("sampling", {}).get("num_inference_steps", 20)),
+        num_inference_steps=num_inference_steps or int(manifest.get("sampling", {}).get("num_inference_steps", 20)),
         guidance_scale=float(manifest.get("sampling", {}).get("guidance_scale", 2.0)),
         device=device,
         dtype=dtype,
