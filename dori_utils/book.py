@@ -17,6 +17,7 @@ Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
        BACKEND = "organism"   # or "sd-v1-4"
        DEVICE = None          # None: the GPU when there is one, else the CPU
        SMOKE = False          # True: shrink every size so the chapter runs in seconds (tests, CI)
+       BACKEND_OPTIONS = {}   # passed to load_backend: dtype, row_budget, model_id, sscd_path, item_ids ...
 
    plus the chapter's own sizes (``N_STEPS = 50`` ...), shrunk in the chapter when ``SMOKE`` is true. The profiles
    in ``profiles/`` override these names only: ``organism`` (nothing), ``smoke`` (``SMOKE: true``),
@@ -58,7 +59,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PROFILES = ("organism", "smoke", "sd-v1-4")
+PROFILES = ("organism", "smoke", "sd-v1-4", "colab")
 # Smoke outputs must never replace the book's committed outputs: by default they go here.
 DEFAULT_OUTPUT_DIRS = {"smoke": "_build/smoke"}
 VOLATILE_CELL_KEYS = ("papermill", "execution")
@@ -67,7 +68,7 @@ ERROR_MARKER_TAG = "papermill-error-cell-tag"
 SOLUTION_TAG = "solution"
 SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
 SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
-REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE")
+REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE", "BACKEND_OPTIONS")
 MAX_CELL_LINES = 12
 # `backend.name == ...`, `BACKEND != ...`, `if BACKEND in (...)`: a model's name used as a switch
 NAME_TEST = re.compile(r"(backend\.name|\bBACKEND)\s*(==|!=|\bin\b|\bnot in\b)|(==|!=)\s*(backend\.name|BACKEND)\b")

@@ -36,7 +36,7 @@ def notebook(*cells):
     return nb
 
 
-PARAMETERS = 'BACKEND = "organism"\nDEVICE = None\nSMOKE = False\nN = 3'
+PARAMETERS = 'BACKEND = "organism"\nDEVICE = None\nSMOKE = False\nBACKEND_OPTIONS = {}\nN = 3'
 
 
 def make_book(root: Path, chapters: dict[str, nbformat.NotebookNode]) -> Path:
@@ -90,6 +90,21 @@ def test_profiles():
     assert sd["LEARNING_RATE"] == 1e-5 and sd["DM_BATCH"] == 1 and sd["GRADIENT_CHECKPOINTING"] is True
     with pytest.raises(book.BookError, match="Known profiles"):
         book.load_profile("nope", ROOT)
+
+
+def test_the_gpu_profiles_pass_options_that_load_backend_takes():
+    import inspect
+
+    from dori_utils.backends import DTYPES, load_backend
+    from dori_utils.sd import load_stable_diffusion
+
+    takes = set(inspect.signature(load_backend).parameters) | set(inspect.signature(load_stable_diffusion).parameters)
+    for name in ("sd-v1-4", "colab"):
+        profile = book.load_profile(name, ROOT)
+        options = profile["BACKEND_OPTIONS"]
+        assert profile["BACKEND"] == "sd-v1-4" and set(options) <= takes, name
+        assert options["dtype"] in DTYPES and isinstance(options["row_budget"], int) and options["row_budget"] >= 1
+    assert book.load_profile("colab", ROOT)["MAX_ITEMS"] <= 8  # the T4 runs a subset of the 112 items
 
 
 def test_kernel_environment_is_offline_for_the_organism_only():
