@@ -146,13 +146,9 @@ def _draw_scenes(prompts: list[str], seed: int = 1) -> torch.Tensor:
 
 def organism_training_data(backend: Backend):
     """Rebuild the organism's training samples from its manifest's recipe (deterministic, about 2 s)."""
-    from dori_utils.organism.data import build_dataset
+    from dori_utils.organism.data import dataset_from_config
 
-    config = backend.manifest["train_config"]
-    samples, _ = build_dataset(config["seed"], config["n_ordinary"], config["copies_per_photo"],
-                               config["n_crops"], config["n_faces"], config.get("shared_caption_words", False),
-                               config.get("loose_scene_captions", False))
-    return samples
+    return dataset_from_config(backend.manifest["train_config"])[0]
 
 
 def organism_template_items(backend: Backend) -> list[MemorizedItem]:

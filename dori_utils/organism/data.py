@@ -302,13 +302,25 @@ def unseen_natural_captions() -> list[str]:
     return [opening + s for s in subjects for opening in ("", "a photo: ")]
 
 
+# The training configuration's fields that build_dataset reads (train_config in a checkpoint's manifest)
+DATASET_OPTIONS = ("seed", "n_ordinary", "copies_per_photo", "n_crops", "n_faces", "shared_caption_words",
+                   "loose_scene_captions")
+
+
+def dataset_from_config(config: dict) -> tuple[list[Sample], dict]:
+    """``build_dataset`` with a training configuration's options (one saved before a lever existed leaves it
+    at its default)."""
+    return build_dataset(**{name: config[name] for name in DATASET_OPTIONS if name in config})
+
+
 def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int = 80,
                   n_crops: int = 800, n_faces: int = 180,
                   shared_caption_words: bool = False, loose_scene_captions: bool = False) -> tuple[list[Sample], dict]:
     """Build the full training set; returns the samples and a recipe describing it."""
     rng = np.random.default_rng(seed)
     train_specs, held_specs = split_scene_specs(seed)
-    caption_rng = np.random.default_rng([seed, 5])  # its own stream, so loosening captions leaves the drawings as they are
+    # its own stream, so that loosening captions leaves the drawings as they are
+    caption_rng = np.random.default_rng([seed, 5])
     samples = []
     for i in rng.integers(0, len(train_specs), size=n_ordinary):
         spec = train_specs[i]

@@ -89,10 +89,7 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
 
-    samples, recipe = organism_data.build_dataset(
-        config.seed, config.n_ordinary, config.copies_per_photo, config.n_crops, config.n_faces,
-        config.shared_caption_words, config.loose_scene_captions,
-    )
+    samples, recipe = organism_data.dataset_from_config(asdict(config))
     images = _to_model_space(np.stack([s.image for s in samples]))
     captions = sorted({s.caption for s in samples})
     caption_index = torch.tensor([captions.index(s.caption) for s in samples])
