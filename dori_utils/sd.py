@@ -12,8 +12,8 @@ Memorized items are the rows of NeMo's memorized table (VM only by default). The
   "unmitigated model's generation", computed at load time for the kept items only (``item_ids``,
   ``max_items``) with a progress bar, and cached on disk per item (``reference_cache``), keyed by the UNet's
   weights, the dtype, the prompt, the seeds, the steps and the guidance, so that every chapter and every later
-  run reuses them. They are stored as 8-bit images, like a training image in a PNG file. A verbatim-memorized prompt regenerates its training image, so these stand in for the
-  LAION images, whose links are often dead. Evaluate with seeds outside ``reference_seeds``: a generation
+  run reuses them. They are stored as 8-bit images, like a training image in a PNG file. A verbatim-memorized
+  prompt regenerates its training image, so these stand in for the LAION images, whose links are often dead. Evaluate with seeds outside ``reference_seeds``: a generation
   compared with itself scores 1. ``reference_seeds=()`` skips them (empty references), for methods that
   need prompts only.
 
@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from dori_utils import data
 from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device, hub_offline
@@ -152,15 +153,20 @@ def reference_generations(backend: Backend, prompts: list[str], seeds, cache_dir
     if missing:
         print(f"generating reference images for {len(missing)} of {len(prompts)} prompts x {len(seeds)} seeds"
               + (f" (cached in {cache_dir})" if cache_dir else ""))
-    for i in missing:  # one prompt at a time, so that an interruption keeps what was computed
-        images = (generate_for_prompts(backend, [prompts[i]], list(seeds), progress=len(missing) > 1).images
-                  .mul(255).round().to(torch.uint8))
-        if paths[i] is not None:
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
-            partial = paths[i].with_suffix(".part")
-            save_file({"images": images.contiguous()}, str(partial))
-            partial.replace(paths[i])
-        cached[i] = images.float() / 255
+    # as many prompts per call as a sampling batch holds, each saved once generated, so that an interruption
+    # keeps what was computed
+    per_call = max(1, backend.sampling_batch // len(seeds))
+    groups = [missing[g : g + per_call] for g in range(0, len(missing), per_call)]
+    for group in tqdm(groups, desc="reference images", disable=len(groups) < 2):
+        images = generate_for_prompts(backend, [prompts[i] for i in group], list(seeds)).images
+        images = images.mul(255).round().to(torch.uint8)
+        for i, generated in zip(group, images.view(len(group), len(seeds), *images.shape[1:])):
+            if paths[i] is not None:
+                paths[i].parent.mkdir(parents=True, exist_ok=True)
+                partial = paths[i].with_suffix(".part")
+                save_file({"images": generated.contiguous()}, str(partial))
+                partial.replace(paths[i])
+            cached[i] = generated.float() / 255
     return torch.stack([cached[i] for i in range(len(prompts))]) if prompts else torch.empty(0)
 
 
