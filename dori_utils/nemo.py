@@ -482,7 +482,8 @@ def find_neurons(backend, items, n_statistics: int = 3000, n_calibration: int = 
                  statistics: str | None = None, timestep: int | None = None, progress: bool = False) -> NeuronSearch:
     """NeMo end to end for several memorized items: statistics, threshold, then one localisation per item.
 
-    ``statistics="published"``: NeMo's statistics file and threshold 0.428 (a model of SD v1.4's shapes only; the default there).
+    ``statistics="published"``: NeMo's statistics file and threshold 0.428 (a model of SD v1.4's shapes only;
+    the default there).
     ``statistics="recompute"`` (the default elsewhere): statistics from ``backend_statistics(backend,
     n_statistics, seed)`` and the threshold from ``n_calibration`` of ``backend.prompt_sets["nonmemorized"]``,
     drawn with ``seed + 1``. ``timestep``: see :func:`detection_timestep`.

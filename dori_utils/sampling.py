@@ -55,8 +55,9 @@ def generate(
     ``embeddings`` is N x L x D (a prompt's embedding or any tensor of that shape, e.g. a Dori trigger);
     ``seeds`` has N entries. ``on_step(step_index, timestep)`` is called before each denoising step, so
     hooks can tell the timestep without counting calls. ``batch_size``: embeddings per batch (default
-    ``backend.sampling_batch``; each makes two UNet rows, the guidance branches). ``stop_after`` ends each batch after that many steps
-    (for methods that only look at the first steps) and returns the partly denoised images. ``row_context``:
+    ``backend.sampling_batch``; each makes two UNet rows, the guidance branches). ``stop_after`` ends each batch
+    after that many steps (for methods that only look at the first steps) and returns the partly denoised
+    images. ``row_context``:
     see the module's docstring.
     """
     if embeddings.ndim != 3 or embeddings.shape[1:] != backend.embedding_shape:
