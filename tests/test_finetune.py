@@ -79,8 +79,11 @@ def test_a_row_budget_splits_fine_tuning_into_calls_that_fit_and_trains_the_same
             and torch.is_grad_enabled() else None):
         fitted = finetune.adversarial_finetune(budgeted, items, surrogates, pairs, **SMALL)
     assert max(calls) == 5 and calls[-4:] == [4, 5, 5, 2]  # the update: L_DM's 4 rows in one call, L_adv's 12 in three
+    # Adam's first step moves each weight by about lr * sign(gradient): where a gradient is near zero, the sums'
+    # different order under the budget shifts it by up to ~1% of lr (1.06e-5 seen); a wrong split differs by ~lr.
     for name, value in fitted.unet.state_dict().items():
-        assert torch.allclose(value, free.unet.state_dict()[name], atol=1e-5), name
+        difference = (value - free.unet.state_dict()[name]).abs().max().item()
+        assert difference <= 0.05 * SMALL["lr"], (name, difference)
     assert fitted.history["l_adv"] == pytest.approx(free.history["l_adv"], abs=1e-6)
 
 
