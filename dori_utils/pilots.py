@@ -68,6 +68,12 @@ PILOTS = {
     "no-up-cross-attention-shared-words-loose-captions": {
         "shared_caption_words": True, "loose_scene_captions": True,
         "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
+    # Lever 2 between the two lever-1 runs that bracket it (80 copies: MR 1.0; 40 copies: MR 0.20), with lever 5,
+    # the one that lowered NeMo's MR most (0.40): fewer copies should leave each memorized image held more
+    # narrowly, if memorization survives at 60.
+    "no-up-cross-attention-loose-captions-copies-60": {
+        "copies_per_photo": 60, "loose_scene_captions": True,
+        "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
 }
 
 
