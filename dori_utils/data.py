@@ -68,7 +68,7 @@ def _download(url: str, path: Path) -> None:
         partial.unlink(missing_ok=True)
         raise ConnectionError(
             f"Could not download {url} ({error}). Check the network connection, or download the file yourself "
-            "and pass its local path instead of the URL."
+            f"and pass its local path instead of the URL (or put it at {path}, where it is looked for first)."
         ) from None
     partial.replace(path)
 
@@ -82,6 +82,15 @@ def _verify(path: Path, expected: str, where: str) -> None:
         )
 
 
+def cached_file_path(url: str, cache_dir: str | Path | None = None) -> Path:
+    """Where :func:`fetch_file` keeps ``url``: a copy placed there by hand (e.g. on a machine with no network) is
+    used as if it had been downloaded."""
+    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
+    # The URL's hash keeps files of the same name from different commits or repositories apart.
+    name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
+    return cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+
+
 def fetch_file(url: str, cache_dir: str | Path | None = None, sha256: str | None = None) -> Path:
     """Download ``url`` once into ``cache_dir`` (default ``~/.cache/dori_utils``) and return the local path.
 
@@ -89,12 +98,9 @@ def fetch_file(url: str, cache_dir: str | Path | None = None, sha256: str | None
     advance), the digest of the first download is recorded next to the file in ``<name>.sha256`` and every
     later call checks against it, so a file truncated or edited in the cache is caught, not parsed.
     """
-    cache_dir = Path(cache_dir or DEFAULT_CACHE_DIR).expanduser()
-    # The URL's hash keeps files of the same name from different commits or repositories apart.
-    name = url.rstrip("/").rsplit("/", 1)[-1].split("?")[0]
-    path = cache_dir / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{name}"
+    path = cached_file_path(url, cache_dir)
     if not path.exists():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         _download(url, path)
     if sha256 is not None:
         _verify(path, sha256, "as requested")
