@@ -74,6 +74,13 @@ PILOTS = {
     "no-up-cross-attention-loose-captions-copies-60": {
         "copies_per_photo": 60, "loose_scene_captions": True,
         "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4}},
+    # Lever 4 on the lever-1 + lever-5 run (80 copies: MR 1.0, NeMo MR 0.40): twice the channels in the three
+    # blocks at 16 x 16 and below, so each of NeMo's layers holds 128 value neurons instead of 64. Widening the
+    # blocks widens everything in them, not only the value projections; diffusers ties a Transformer2DModel's
+    # width to its block's, and a wider `to_v` alone would need an attention processor of our own.
+    "no-up-cross-attention-loose-captions-wide": {
+        "loose_scene_captions": True,
+        "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4, "block_out_channels": [32, 128, 128, 128]}},
 }
 
 
