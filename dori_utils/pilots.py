@@ -81,6 +81,15 @@ PILOTS = {
     "no-up-cross-attention-loose-captions-wide": {
         "loose_scene_captions": True,
         "unet_overrides": {"up_block_types": ["UpBlock2D"] * 4, "block_out_channels": [32, 128, 128, 128]}},
+    # Lever 1's SD-like variant on the lever-1 + lever-5 run: text enters at 16 x 16 in the down path too, where
+    # SD's NeMo neurons mostly are, and nowhere in the up path, so NeMo searches every text path (4 layers, 256
+    # value neurons). Lever 4 (wider) spread memorization wider; this asks whether a higher-resolution text path
+    # concentrates it.
+    "cross-attention-16-down-only-loose-captions": {
+        "loose_scene_captions": True,
+        "unet_overrides": {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["UpBlock2D"] * 4}},
 }
 
 
