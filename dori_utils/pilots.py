@@ -24,11 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from dori_utils import attack, nemo, wanda
 from dori_utils.backends import load_backend
 from dori_utils.evaluation import evaluate_items, score_against_all_references
+from dori_utils.organism.model import UNET_CONFIG
 from dori_utils.organism.train import TrainConfig, train_organism
 from dori_utils.results import REPOSITORY_ROOT
 
@@ -90,6 +92,14 @@ PILOTS = {
         "unet_overrides": {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["UpBlock2D"] * 4}},
+    # The best two levers combined: text at 16 x 16 in the down path only (lever 1, z-order median 44% at MR 1.0)
+    # with 60 copies (lever 2, which lowered the z-order median from 65% to 30% on the no-up run at MR 0.80),
+    # both with lever 5's loose captions.
+    "cross-attention-16-down-only-loose-captions-copies-60": {
+        "copies_per_photo": 60, "loose_scene_captions": True,
+        "unet_overrides": {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["UpBlock2D"] * 4}},
 }
 
 
@@ -141,6 +151,59 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
         row["wanda1_dori_mr"] = evaluate_items(backend, EVAL_SEEDS, found.embeddings, items=attacked).mr
     row["value_neurons"] = n_value
     return row
+
+
+def describe_config(config: dict) -> str:
+    """What a pilot changes against the shipped recipe, in words read off its configuration."""
+    defaults = TrainConfig()
+    unet = {**UNET_CONFIG, **config.get("unet_overrides", {})}
+    changes = []
+    down = list(unet["down_block_types"])
+    if down != list(UNET_CONFIG["down_block_types"]):
+        first = next(i for i, kind in enumerate(down) if kind.startswith("CrossAttn"))
+        size = unet["sample_size"] // 2 ** first
+        changes.append(f"text enters the down path at {size} x {size}")
+    if list(unet["up_block_types"]) != list(UNET_CONFIG["up_block_types"]):
+        text_up = sum(kind.startswith("CrossAttn") for kind in unet["up_block_types"])
+        changes.append("no text in the up path" if not text_up else f"text in {text_up} up blocks")
+    if tuple(unet["block_out_channels"]) != tuple(UNET_CONFIG["block_out_channels"]):
+        changes.append(f"channels {tuple(unet['block_out_channels'])}")
+    copies = config.get("copies_per_photo", defaults.copies_per_photo)
+    if copies != defaults.copies_per_photo:
+        changes.append(f"{copies} copies per photograph")
+    if config.get("shared_caption_words"):
+        changes.append("memorized captions of shared words")
+    if config.get("loose_scene_captions"):
+        changes.append("loose ordinary captions")
+    return "; ".join(changes) or "the shipped recipe"
+
+
+def pilot_table(table: str | Path = PILOT_TABLE) -> pd.DataFrame:
+    """The committed pilot rows, numbered in the order they ran, with readable columns (shares as fractions)."""
+    table = Path(table)
+    if not table.exists():
+        raise FileNotFoundError(f"No pilot table at {table}: run `python -m dori_utils.pilots --name control` "
+                                "to start one.")
+    rows = pd.read_csv(table)
+    if rows.empty:
+        raise ValueError(f"The pilot table {table} has no rows: run a pilot first.")
+    columns = {"mr": "MR", "zorder_share_median": "z-order share (median)", "zorder_share_min": "z-order min",
+               "zorder_share_max": "z-order max", "value_neurons": "value neurons searched",
+               "nemo_flagged": "NeMo flagged", "nemo_share_median": "NeMo share (median)", "nemo_mr": "NeMo MR",
+               "wanda1_mr": "Wanda 1% MR", "nemo_dori_mr": "NeMo + Dori MR", "wanda1_dori_mr": "Wanda + Dori MR",
+               "attribute_accuracy": "attribute accuracy", "heldout_max_score": "held-out max score"}
+    readable = rows[["name", *columns]].rename(columns=columns).rename_axis("pilot")
+    readable.insert(1, "what changes", [describe_config(json.loads(c)) for c in rows["config"]])
+    readable["training minutes"] = rows["train_seconds"].div(60).round().astype("Int64").to_numpy()
+    return readable
+
+
+def pilot_numbers(table: pd.DataFrame) -> dict:
+    """The table's numbers by pilot name, and NeMo's share across all pilots, for the chapter's prose (glued as
+    ``pilots.<name>.<column>``: ``pilots.control.nemo_mr``)."""
+    numbers = {row["name"]: row.drop(["name", "what changes"]).dropna().to_dict() for _, row in table.iterrows()}
+    shares = table["NeMo share (median)"]
+    return {**numbers, "all": {"count": len(table), "nemo_share_min": shares.min(), "nemo_share_max": shares.max()}}
 
 
 def append_row(row: dict, table: Path = PILOT_TABLE) -> None:

@@ -338,3 +338,30 @@ def per_step_auc(per_step: dict[str, list[float]], mean_auc: dict[str, float], b
     ax.set_title("Wen's detector, step by step", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+
+def pilot_map(table, mr_bar: float = 0.9, zorder_bar: float = 0.10, nemo_bar: float = 0.05):
+    """One row per pilot organism: the median share of NeMo's value neurons that z-order blocking needs (circle,
+    with its range over items) and that NeMo selects (square), against the targets; MR unmitigated in the label."""
+    n = len(table)
+    fig, ax = plt.subplots(figsize=(8, 0.42 * n + 2.2))
+    y = np.arange(n)[::-1]
+    median = table["z-order share (median)"].to_numpy(dtype=float)
+    low, high = table["z-order min"].to_numpy(dtype=float), table["z-order max"].to_numpy(dtype=float)
+    ax.axvspan(0, zorder_bar, color=OKABE_ITO[2], alpha=0.15, label=f"target for z-order: <= {zorder_bar:.0%}")
+    ax.axvline(nemo_bar, color=OKABE_ITO[5], linestyle=":", label=f"target for NeMo: <= {nemo_bar:.0%}")
+    ax.hlines(y, low, high, color=OKABE_ITO[4], alpha=0.6)
+    ax.scatter(median, y, color=OKABE_ITO[4], zorder=3, label="z-order blocking: median (line: range)")
+    ax.scatter(table["NeMo share (median)"], y, marker="s", color=OKABE_ITO[0], zorder=3,
+               label="NeMo's selection: median")
+    held = ["" if mr >= mr_bar else " (below the MR bar)" for mr in table["MR"]]
+    ax.set_yticks(y, [f"{i}: MR {mr:.1f}{h}" for i, mr, h in zip(table.index, table["MR"], held)], fontsize=8)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("share of NeMo's value neurons (first seed; no circle: no item replicates)")
+    reached = ((table["MR"] >= mr_bar) & (table["z-order share (median)"] <= zorder_bar)
+               & (table["NeMo share (median)"] <= nemo_bar)).sum()
+    ax.set_title(f"Pilot organisms (numbered as in the table): {reached} of {n} meet the targets")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    fig.tight_layout()
+    return fig

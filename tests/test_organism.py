@@ -121,6 +121,33 @@ def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_
     assert rows[0]["mr"] == "0.9" and rows[0]["new_measurement"] == "" and rows[1]["mr"] == ""
 
 
+
+def test_pilot_table_describes_each_configuration_and_its_numbers(tmp_path):
+    from dori_utils import pilots
+
+    assert pilots.describe_config({}) == "the shipped recipe"
+    assert pilots.describe_config(pilots.PILOTS["cross-attention-16-down-only-loose-captions-copies-60"]) == (
+        "text enters the down path at 16 x 16; no text in the up path; 60 copies per photograph; "
+        "loose ordinary captions")
+    table = tmp_path / "pilots.csv"
+    numbers = {"mr": "1.0", "zorder_share_median": "0.5", "zorder_share_min": "0.2", "zorder_share_max": "0.9",
+               "value_neurons": "192", "nemo_flagged": "9", "nemo_share_median": "0.25", "nemo_mr": "0.8",
+               "wanda1_mr": "1.0", "nemo_dori_mr": "1.0", "wanda1_dori_mr": "1.0", "attribute_accuracy": "0.8",
+               "heldout_max_score": "0.3", "train_seconds": "2700"}
+    pilots.append_row({"name": "control", "config": "{}", **numbers}, table)
+    pilots.append_row({"name": "copies-25", "config": '{"copies_per_photo": 25}', **numbers, "mr": "0.0",
+                       "zorder_share_median": "", "nemo_share_median": "0.2"}, table)
+    readable = pilots.pilot_table(table)
+    assert list(readable.index) == [0, 1] and list(readable["what changes"]) == ["the shipped recipe",
+                                                                                 "25 copies per photograph"]
+    assert readable.loc[0, "training minutes"] == 45 and readable["z-order share (median)"].isna().tolist() == [False, True]
+    glued = pilots.pilot_numbers(readable)
+    assert glued["copies-25"]["MR"] == 0.0 and "z-order share (median)" not in glued["copies-25"]
+    assert glued["all"] == {"count": 2, "nemo_share_min": 0.2, "nemo_share_max": 0.25}
+    with pytest.raises(FileNotFoundError, match="python -m dori_utils.pilots"):
+        pilots.pilot_table(tmp_path / "missing.csv")
+
+
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendError, match="no CUDA GPU"):

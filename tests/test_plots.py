@@ -20,3 +20,17 @@ def test_horizontal_boxplot_lies_along_x_without_warnings():
     assert medians == [4.5, 104.5]  # on the x axis: the boxes lie horizontally
     assert [t.get_text() for t in ax.get_yticklabels()] == ["low", "high"]
     plt.close(fig)
+
+
+def test_pilot_map_counts_the_pilots_that_meet_the_targets():
+    import pandas as pd
+
+    table = pd.DataFrame({"MR": [1.0, 0.2, 1.0], "z-order share (median)": [0.5, np.nan, 0.08],
+                          "z-order min": [0.2, np.nan, 0.05], "z-order max": [0.9, np.nan, 0.2],
+                          "NeMo share (median)": [0.25, 0.2, 0.04]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = plots.pilot_map(table)
+    assert fig.axes[0].get_title().endswith("1 of 3 meet the targets")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][1] == "1: MR 0.2 (below the MR bar)"
+    plt.close(fig)
