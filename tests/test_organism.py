@@ -148,6 +148,25 @@ def test_pilot_table_describes_each_configuration_and_its_numbers(tmp_path):
         pilots.pilot_table(tmp_path / "missing.csv")
 
 
+
+def test_retraining_from_a_manifest_reproduces_the_checkpoint(tiny_organism_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from dori_utils.organism.train import config_from_manifest, main
+
+    recorded = json.loads((tiny_organism_dir / "manifest.json").read_text())["train_config"]
+    assert config_from_manifest(tiny_organism_dir / "manifest.json").unet_overrides == recorded["unet_overrides"]
+    main(["--manifest", str(tiny_organism_dir / "manifest.json"), "--out", str(tmp_path / "again")])
+    weights = [load_file(d / "unet" / "diffusion_pytorch_model.safetensors") for d in (tiny_organism_dir, tmp_path / "again")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an organism manifest"):
+        config_from_manifest(tmp_path / "broken.json")
+    with pytest.raises(FileNotFoundError, match="No manifest"):
+        config_from_manifest(tmp_path / "missing.json")
+
+
 def test_asking_for_a_gpu_that_is_not_there_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(BackendError, match="no CUDA GPU"):

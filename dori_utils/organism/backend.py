@@ -54,7 +54,8 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         raise BackendError(
             f"No organism checkpoint in {path} (needs unet/, scheduler/ and manifest.json). The repository ships one "
             "in data/organism: check out the full repository, or retrain it with "
-            "`python -m dori_utils.organism.train --out data/organism` (about 45 minutes on 2 CPU cores)."
+            "`python -m dori_utils.organism.train --manifest data/organism/manifest.json --out data/organism` "
+            "(the manifest is tracked in git; about 95 minutes on one CPU thread)."
         )
     try:
         manifest = json.loads(manifest_path.read_text())

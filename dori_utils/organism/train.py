@@ -1,4 +1,8 @@
-"""Train the model organism from scratch: `python -m dori_utils.organism.train --out data/organism`.
+"""Train the model organism from scratch.
+
+`python -m dori_utils.organism.train --manifest data/organism/manifest.json --out data/organism` retrains the shipped
+organism from the configuration its manifest records (chapter 0, "How this organism was chosen", says which pilot
+it is); without `--manifest`, the options below build the first recipe (pilot "control").
 
 The run is seeded end to end (data recipe, initial weights, batches, noise) and writes a diffusers-format
 checkpoint (`unet/` via `save_pretrained`, safetensors; `scheduler/`), the memorized reference images,
@@ -76,11 +80,27 @@ def _write_checkpoint(out: Path, unet, manifest: dict, losses: list[float]) -> N
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+def config_from_manifest(path: str | Path) -> TrainConfig:
+    """The training configuration a checkpoint's manifest records, to train it again."""
+    path = Path(path)
+    try:
+        recorded = json.loads(path.read_text())["train_config"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"No manifest at {path}: pass the manifest.json of an organism checkpoint.") from None
+    except (json.JSONDecodeError, KeyError) as error:
+        raise ValueError(f"{path} is not an organism manifest with a train_config ({error}).") from None
+    unknown = set(recorded) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"{path} records training options this version does not know: {sorted(unknown)}.")
+    return TrainConfig(**recorded)
+
+
 def train_shipped_organism() -> Path:
-    """Retrain the shipped organism in place (``data/organism``, where ``load_backend("organism")`` reads it)."""
+    """Retrain the shipped organism in place (``data/organism``, where ``load_backend("organism")`` reads it), from
+    the configuration its manifest records."""
     from dori_utils.organism.backend import DEFAULT_ORGANISM_DIR
 
-    return train_organism(DEFAULT_ORGANISM_DIR)
+    return train_organism(DEFAULT_ORGANISM_DIR, config_from_manifest(DEFAULT_ORGANISM_DIR / "manifest.json"))
 
 
 def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True) -> Path:
@@ -179,9 +199,16 @@ def main(argv=None) -> None:
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this many steps of the --steps schedule (the learning rate follows --steps)")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet, for tests")
+    parser.add_argument("--manifest", default=None,
+                        help="train the configuration this manifest records (the shipped organism: "
+                             "data/organism/manifest.json); every option but --out is then taken from it")
     args = parser.parse_args(argv)
-    overrides = TINY_UNET if args.tiny else {}
-    config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny")}, unet_overrides=overrides)
+    if args.manifest:
+        config = config_from_manifest(args.manifest)
+    else:
+        overrides = TINY_UNET if args.tiny else {}
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest")},
+                             unet_overrides=overrides)
     path = train_organism(args.out, config)
     print(f"organism checkpoint written to {path}")
 
