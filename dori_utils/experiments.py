@@ -116,10 +116,13 @@ def utility_table(backend: Backend, prompts: list[str], generated: torch.Tensor)
 
 
 def seen_caption_utility(backend: Backend, n: int, seed: int = 4) -> tuple[float, int]:
-    """The utility on ``n`` ordinary captions seen in training (does the model compose, or only recall?), and n."""
+    """The utility on ``n`` ordinary scenes seen in training, each captioned in full (does the model compose, or
+    only recall?), and n."""
     from dori_utils.sampling import generate_for_prompts
 
-    seen = sorted({s.caption for s in backend.training_samples() if s.kind == "ordinary"})
+    # a sample's item is its scene's full caption: where training captions leave out part of the scene, the checker
+    # still needs every attribute named
+    seen = sorted({s.item for s in backend.training_samples() if s.kind == "ordinary"})
     prompts = list(np.random.default_rng(seed).choice(seen, min(n, len(seen)), replace=False))
     return backend.utility(generate_for_prompts(backend, prompts, [0]).images, prompts), len(prompts)
 
