@@ -199,11 +199,12 @@ def pilot_table(table: str | Path = PILOT_TABLE) -> pd.DataFrame:
 
 
 def pilot_numbers(table: pd.DataFrame) -> dict:
-    """The table's numbers by pilot name, and NeMo's share across all pilots, for the chapter's prose (glued as
-    ``pilots.<name>.<column>``: ``pilots.control.nemo_mr``)."""
+    """The table's numbers by pilot name, NeMo's share across all pilots and how many pilots Wanda 1% lowered MR
+    on, for the chapter's prose (glued as ``pilots.<name>.<column>``: ``pilots.control.nemo_mr``)."""
     numbers = {row["name"]: row.drop(["name", "what changes"]).dropna().to_dict() for _, row in table.iterrows()}
     shares = table["NeMo share (median)"]
-    return {**numbers, "all": {"count": len(table), "nemo_share_min": shares.min(), "nemo_share_max": shares.max()}}
+    return {**numbers, "all": {"count": len(table), "nemo_share_min": shares.min(), "nemo_share_max": shares.max(),
+                               "wanda_lowered_mr": int((table["Wanda 1% MR"] < table["MR"]).sum())}}
 
 
 def append_row(row: dict, table: Path = PILOT_TABLE) -> None:

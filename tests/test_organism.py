@@ -143,7 +143,7 @@ def test_pilot_table_describes_each_configuration_and_its_numbers(tmp_path):
     assert readable.loc[0, "training minutes"] == 45 and readable["z-order share (median)"].isna().tolist() == [False, True]
     glued = pilots.pilot_numbers(readable)
     assert glued["copies-25"]["MR"] == 0.0 and "z-order share (median)" not in glued["copies-25"]
-    assert glued["all"] == {"count": 2, "nemo_share_min": 0.2, "nemo_share_max": 0.25}
+    assert glued["all"] == {"count": 2, "nemo_share_min": 0.2, "nemo_share_max": 0.25, "wanda_lowered_mr": 0}
     with pytest.raises(FileNotFoundError, match="python -m dori_utils.pilots"):
         pilots.pilot_table(tmp_path / "missing.csv")
 
