@@ -77,6 +77,8 @@ def load_backend(name: str = "organism", device: str | torch.device | None = Non
     if unknown:
         raise BackendError(f"The {name!r} backend takes no option {unknown}; it takes {sorted(accepted)}, and "
                            "load_backend itself takes device, dtype, row_budget and sampling_batch.")
+    if sampling_batch is not None and "sampling_batch" in accepted:
+        options["sampling_batch"] = sampling_batch  # a loader that samples (SD's references) needs it before then
     backend = loader(device=device, dtype=dtype or torch.float32, **options)
     if row_budget is not None:
         backend.row_budget = row_budget

@@ -198,6 +198,7 @@ def load_stable_diffusion(
     item_ids: list[str] | None = None,
     reference_cache: str | Path | None = data.DEFAULT_CACHE_DIR / "sd-references",
     num_inference_steps: int = 50,
+    sampling_batch: int = 32,
 ) -> Backend:
     """Stable Diffusion v1.4 (or any SD-1.x checkpoint in diffusers format) as a :class:`Backend`.
 
@@ -254,6 +255,7 @@ def load_stable_diffusion(
         latent_shape=(unet.config.in_channels, latent_size, latent_size),
         embedding_spread=CLIP_EMBEDDING_SPREAD,
         num_inference_steps=num_inference_steps,
+        sampling_batch=sampling_batch,  # before the reference images, which are sampled in batches of this size
         guidance_scale=7.0,
         device=device,
         dtype=dtype,

@@ -146,6 +146,18 @@ def test_reference_generations_are_cached_per_item_and_reused(tiny_sd, tmp_path,
         _load(tiny_sd, reference_seeds=(0, 2), max_items=1, reference_cache=tmp_path)
 
 
+def test_reference_images_are_sampled_in_the_profiles_batches(tiny_sd, tmp_path):
+    from dori_utils import costs
+
+    with costs.count_model_calls() as calls:
+        backend = _load(tiny_sd, reference_seeds=(0, 1), max_items=2, reference_cache=None, sampling_batch=2,
+                        num_inference_steps=2)
+    assert backend.sampling_batch == 2
+    references = [t for (phase, *_), t in calls.unet.items() if phase == "reference images"]
+    # one prompt's two seeds per call, each with its guidance branch: 4 rows, not the 8 of both prompts at once
+    assert references and max(t.max_rows_per_call for t in references) == 4
+
+
 def test_ground_truth_dir(tiny_sd, tmp_path):
     for item_id in VM_IDS:
         (tmp_path / item_id).mkdir()
