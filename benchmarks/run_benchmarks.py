@@ -20,22 +20,9 @@ import time
 from pathlib import Path
 
 from dori_utils import book
+from dori_utils.costs import SD_V1_4_UNET
 
 HERE = Path(__file__).resolve().parent
-
-# Stable Diffusion v1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json); the rest are diffusers defaults
-# that match it (CrossAttnDownBlock2D x 3 + DownBlock2D, UpBlock2D + CrossAttnUpBlock2D x 3, 32 groups, SiLU).
-SD_V1_4_UNET = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2,
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-)
 
 
 def default_machine_name(info: dict) -> str:

@@ -55,10 +55,16 @@ def _tiny_tokenizer(folder: Path):
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory) -> str:
     """A 7 MB SD-1.x pipeline (16 px images, 8 x 8 latents, 32-d text embeddings) in diffusers format."""
+    return save_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def save_tiny_sd_pipeline(folder: Path) -> str:
+    """A tiny random SD-1.x pipeline saved with ``save_pretrained`` under ``folder/pipeline`` (also used by
+    benchmarks/chapter_costs.py, which counts the UNet calls the chapters make)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = tmp_path_factory.mktemp("tiny-sd")
+    folder = Path(folder)
     tokenizer = _tiny_tokenizer(folder)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(

@@ -1,0 +1,110 @@
+"""What each chapter costs on Stable Diffusion v1.4, estimated (not a test; CPU, offline).
+
+    python benchmarks/chapter_costs.py                       # profiles colab and sd-v1-4, every chapter
+    python benchmarks/chapter_costs.py --profiles colab --chapters 01
+
+Each chapter runs through papermill with a GPU profile's parameters, on the CPU, on a tiny random SD-1.x pipeline
+(saved with ``save_pretrained``), an SSCD stand-in and prompt tables in NeMo's schema with as many rows as NeMo's
+(112 verbatim items among 500, and 500 non-memorized prompts): the same UNet and VAE calls, with the same rows, as
+on SD v1.4. ``dori_utils.costs`` counts them and estimates hours and peak memory on a T4 and an A100.
+
+Writes ``benchmarks/results/chapter-costs.json`` and the table between the ``chapter-costs`` markers of intro.md
+and README.md. On a GPU, ``run_benchmarks.py --sd-unet`` measures an attack step, which corrects the efficiency.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from conftest import save_tiny_sd_pipeline, save_tiny_sscd  # noqa: E402
+from dori_utils import book, costs, data  # noqa: E402
+
+RESULT = ROOT / "benchmarks" / "results" / "chapter-costs.json"
+PAGES = [ROOT / "intro.md", ROOT / "README.md"]
+VERBATIM_ROWS = 112  # NeMo's table: 112 VM prompts among 500
+
+
+def write_tables(folder: Path) -> dict:
+    memorized = [";Caption;URL;type;mean_sscd;max_sscd;Index"]
+    for i in range(data.UPSTREAM_ROWS):
+        kind = "VM" if i < VERBATIM_ROWS else "TM"
+        memorized.append(f"{i};a memorized caption number {i};https://example.com/{i}.jpg;{kind};0.9;0.9;{3000 + i}")
+    (folder / "memorized.csv").write_text("\n".join(memorized) + "\n")
+    rows = [f"{i};a photo of object number {i} on a table;https://example.com/u{i}.jpg;{1000 + i}"
+            for i in range(data.UPSTREAM_ROWS)]
+    (folder / "unmemorized.csv").write_text(";Caption;URL;Index\n" + "\n".join(rows) + "\n")
+    return {"prompt_table": str(folder / "memorized.csv"), "unmemorized_table": str(folder / "unmemorized.csv")}
+
+
+def counting_copy(chapter: Path, out: Path, calls_path: Path) -> Path:
+    """The chapter with a first cell that starts counting and a last one that writes the tally."""
+    notebook = nbformat.read(chapter, as_version=4)
+    start = nbformat.v4.new_code_cell("from dori_utils import costs as _costs\n"
+                                      "_counting = _costs.count_model_calls()\n_calls = _counting.__enter__()")
+    stop = nbformat.v4.new_code_cell(f"import json as _json\n_counting.__exit__(None, None, None)\n"
+                                     f"open({str(calls_path)!r}, 'w').write(_json.dumps(_calls.to_dict()))")
+    notebook.cells = [start, *notebook.cells, stop]
+    nbformat.write(notebook, out)
+    return out
+
+
+def count_chapters(profiles: list[str], patterns: list[str] | None) -> dict:
+    chapters = book.select_chapters(book.toc_chapters(ROOT), ROOT, patterns)
+    record = {}
+    with tempfile.TemporaryDirectory(prefix="dori-costs-") as scratch:
+        scratch = Path(scratch)
+        options = {"model_id": save_tiny_sd_pipeline(scratch), "sscd_path": str(save_tiny_sscd(scratch / "sscd.pt")),
+                   **write_tables(scratch)}
+        for profile in profiles:
+            parameters = book.load_profile(profile, ROOT)
+            results = scratch / f"results-{profile}"  # one folder per profile: chapter 5 reads chapter 1's results
+            record[profile] = {}
+            for chapter in chapters:
+                calls_path = scratch / f"{profile}-{chapter.stem}.json"
+                run = {**parameters, "DEVICE": "cpu",
+                       "BACKEND_OPTIONS": {**parameters.get("BACKEND_OPTIONS", {}), **options,
+                                           "reference_cache": str(scratch / f"references-{profile}")}}
+                started = time.time()
+                copy = counting_copy(chapter, scratch / f"{profile}-{chapter.name}", calls_path)
+                book.execute_chapter(copy, scratch / f"executed-{profile}-{chapter.name}", run, progress=False,
+                                     results=results)
+                calls = costs.ModelCalls.from_dict(json.loads(calls_path.read_text()))
+                record[profile][chapter.stem] = {
+                    "calls": calls.to_dict(), "cpu_seconds": round(time.time() - started),
+                    "estimates": {gpu: costs.estimate(calls, gpu, parameters.get("OPTIMIZER", "adafactor"))
+                                  for gpu in costs.GPUS}}
+                print(f"{profile} {chapter.stem}: " + ", ".join(
+                    f"{e['gpu']} {e['hours']:.2f} h, {e['peak_gb']:.1f} GB"
+                    for e in record[profile][chapter.stem]["estimates"].values()), flush=True)
+    return record
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profiles", nargs="+", default=["colab", "sd-v1-4"])
+    parser.add_argument("--chapters", nargs="+", default=None, help="glob or prefix of the chapters' file names")
+    args = parser.parse_args(argv)
+    record = json.loads(RESULT.read_text()) if RESULT.exists() else {"profiles": {}}
+    for profile, chapters in count_chapters(args.profiles, args.chapters).items():
+        record["profiles"].setdefault(profile, {}).update(chapters)
+    record["cost_model"] = costs.cost_model()
+    record["updated"] = time.strftime("%Y-%m-%d")
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps(record, indent=1) + "\n")
+    table = costs.cost_table(record)
+    for page in PAGES:
+        page.write_text(costs.replace_cost_table(page.read_text(), table))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
