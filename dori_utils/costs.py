@@ -218,7 +218,8 @@ def cost_table(record: dict) -> str:
     profiles = record["profiles"]
     columns = [(profile, gpu) for profile in profiles for gpu in GPUS]
     chapters = list(dict.fromkeys(c for chapters in profiles.values() for c in chapters))
-    lines = ["| chapter | " + " | ".join(f"`{p}` on a {g}" for p, g in columns) + " |",
+    lines = ["| chapter | " + " | ".join(f"`{p}` on {'an' if g[0] in 'AEIOU' else 'a'} {g}" for p, g in columns)
+             + " |",
              "|---|" + "---|" * len(columns)]
     for chapter in chapters:
         cells = []
