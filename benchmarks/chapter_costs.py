@@ -25,7 +25,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import save_tiny_sd_pipeline, save_tiny_sscd  # noqa: E402
+from conftest import save_tiny_sd_pipeline, save_tiny_sscd, write_unmemorized_table  # noqa: E402
 from dori_utils import book, costs, data  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "chapter-costs.json"
@@ -39,10 +39,8 @@ def write_tables(folder: Path) -> dict:
         kind = "VM" if i < VERBATIM_ROWS else "TM"
         memorized.append(f"{i};a memorized caption number {i};https://example.com/{i}.jpg;{kind};0.9;0.9;{3000 + i}")
     (folder / "memorized.csv").write_text("\n".join(memorized) + "\n")
-    rows = [f"{i};a photo of object number {i} on a table;https://example.com/u{i}.jpg;{1000 + i}"
-            for i in range(data.UPSTREAM_ROWS)]
-    (folder / "unmemorized.csv").write_text(";Caption;URL;Index\n" + "\n".join(rows) + "\n")
-    return {"prompt_table": str(folder / "memorized.csv"), "unmemorized_table": str(folder / "unmemorized.csv")}
+    unmemorized = write_unmemorized_table(folder / "unmemorized.csv", rows=data.UPSTREAM_ROWS)
+    return {"prompt_table": str(folder / "memorized.csv"), "unmemorized_table": str(unmemorized)}
 
 
 def counting_copy(chapter: Path, out: Path, calls_path: Path) -> Path:

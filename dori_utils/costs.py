@@ -131,20 +131,19 @@ def count_model_calls():
 
     def counted_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
         live.add(self)
-        key = (_phase(), _mode(self, (sample, encoder_hidden_states)), str(self.dtype).removeprefix("torch."),
+        key = (_phase(), _mode(self, (sample, encoder_hidden_states)), _dtype_name(self),
                bool(self.is_gradient_checkpointing))
         tally = calls.unet[key]
         tally.rows += len(sample)
         tally.calls += 1
         tally.max_rows_per_call = max(tally.max_rows_per_call, len(sample))
         tally.max_live_unets = max(tally.max_live_unets, len(live))
-        tally.max_live_unet_bytes = max(tally.max_live_unet_bytes,
-                                        sum(_bytes(str(unet.dtype).removeprefix("torch.")) for unet in live))
+        tally.max_live_unet_bytes = max(tally.max_live_unet_bytes, sum(unet.dtype.itemsize for unet in live))
         return unet_forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
 
     def counted(method, kind):
         def wrapper(self, x, *args, **kwargs):
-            calls.vae[(_phase(), kind, str(self.dtype).removeprefix("torch."))] += len(x)
+            calls.vae[(_phase(), kind, _dtype_name(self))] += len(x)
             return method(self, x, *args, **kwargs)
         return wrapper
 
@@ -156,17 +155,21 @@ def count_model_calls():
         UNet2DConditionModel.forward, AutoencoderKL.decode, AutoencoderKL.encode = unet_forward, decode, encode
 
 
+def _dtype_name(model: torch.nn.Module) -> str:
+    return str(model.dtype).removeprefix("torch.")
+
+
 def _bytes(dtype: str) -> int:
-    return torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+    return getattr(torch, dtype).itemsize
 
 
 def estimate(calls: ModelCalls, gpu: str, optimizer: str = "adafactor", exclude_phases=("NeMo statistics",)) -> dict:
     """Hours and peak GB on ``gpu`` (a key of ``GPUS``) for the calls of one run, by phase, at SD v1.4's sizes.
 
     Time: FLOPs / (peak of the call's dtype x ``EFFICIENCY``). Peak memory: the live UNets' weights (each in its own
-    dtype), the VAE and
-    the text encoder, plus the largest call's saved activations; weight gradients add float32 gradients and the
-    optimizer's state (Adafactor's factored state is about 1% of the parameters; AdamW's two moments 2x).
+    dtype), the VAE and the text encoder, plus the largest call's saved activations; weight gradients add float32
+    gradients and the optimizer's state (Adafactor's factored state is about 1% of the parameters; AdamW's two
+    moments 2x).
     ``exclude_phases``: on SD v1.4 the chapters load NeMo's published activation statistics (50,000 LAION prompts)
     rather than compute them; a tiny pipeline cannot use those and computes its own, which SD does not pay."""
     if gpu not in GPUS:
@@ -174,15 +177,17 @@ def estimate(calls: ModelCalls, gpu: str, optimizer: str = "adafactor", exclude_
     if optimizer not in ("adafactor", "adamw"):
         raise ValueError(f"optimizer must be 'adafactor' or 'adamw', not {optimizer!r}")
     spec = GPUS[gpu]
-    seconds, peak_gb, by_phase = 0.0, 0.0, defaultdict(float)
+    peak_gb, by_phase = 0.0, defaultdict(float)
+
+    def add_time(phase: str, dtype: str, tflop: float) -> None:
+        rate = spec["tflops"].get(dtype) or spec["tflops"]["float32"]  # no bf16 units (T4): float32 speed
+        by_phase[phase] += tflop / (rate * EFFICIENCY) / 3600
+
     for (phase, mode, dtype, checkpointing), tally in calls.unet.items():
         if phase in exclude_phases:
             continue
-        rate = spec["tflops"].get(dtype) or spec["tflops"]["float32"]  # no bf16 units (T4): float32 speed
         tflop = UNET_TFLOP[mode] + (UNET_TFLOP["forward"] if checkpointing and mode != "forward" else 0.0)
-        phase_seconds = tally.rows * tflop / (rate * EFFICIENCY)
-        seconds += phase_seconds
-        by_phase[phase] += phase_seconds / 3600
+        add_time(phase, dtype, tally.rows * tflop)
         weights = (tally.max_live_unet_bytes * PARAMETERS["unet"]
                    + (PARAMETERS["vae"] + PARAMETERS["text_encoder"]) * 2) / 1e9
         if mode == "weight-grad":
@@ -191,13 +196,9 @@ def estimate(calls: ModelCalls, gpu: str, optimizer: str = "adafactor", exclude_
         activations = tally.max_rows_per_call * ACTIVATION_GB[(mode, checkpointing)] * _bytes(dtype) / 4
         peak_gb = max(peak_gb, weights + activations)
     for (phase, kind, dtype), images in calls.vae.items():
-        if phase in exclude_phases:
-            continue
-        rate = spec["tflops"].get(dtype) or spec["tflops"]["float32"]
-        phase_seconds = images * VAE_TFLOP[kind] / (rate * EFFICIENCY)
-        seconds += phase_seconds
-        by_phase[phase] += phase_seconds / 3600
-    return {"gpu": gpu, "hours": seconds / 3600, "peak_gb": peak_gb, "fits": peak_gb <= spec["memory_gb"],
+        if phase not in exclude_phases:
+            add_time(phase, dtype, images * VAE_TFLOP[kind])
+    return {"gpu": gpu, "hours": sum(by_phase.values()), "peak_gb": peak_gb, "fits": peak_gb <= spec["memory_gb"],
             "hours_by_phase": dict(by_phase)}
 
 

@@ -101,3 +101,11 @@ def save_tiny_sscd(path: Path) -> Path:
     torch.manual_seed(0)
     torch.jit.save(torch.jit.script(TinySSCD()), str(path))
     return path
+
+
+def write_unmemorized_table(path: Path, rows: int = 16) -> Path:
+    """Non-memorized prompts in NeMo's schema (";"-separated, an unnamed row column); 16 are enough for every
+    control set of the SD chapter tests (benchmarks/chapter_costs.py writes NeMo's 500)."""
+    lines = [f"{i};a photo of object number {i} on a table;https://example.com/{i}.jpg;{1000 + i}" for i in range(rows)]
+    path.write_text(";Caption;URL;Index\n" + "\n".join(lines) + "\n")
+    return path

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_sscd
+from conftest import save_tiny_sscd, write_unmemorized_table
 from dori_utils import data
 from dori_utils.book import execute_chapter
 from dori_utils.metrics import SSCD_URL
@@ -29,14 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAPTERS = sorted((ROOT / "chapters").glob("0*.ipynb"))
 FIXTURES = Path(__file__).parent / "fixtures"
 ROW_BUDGET = 4
-
-
-def write_unmemorized_table(path: Path, rows: int = 16) -> Path:
-    """NeMo's schema (";"-separated, an unnamed row column); 16 non-memorized prompts are enough for every control
-    set."""
-    lines = [f"{i};a photo of object number {i} on a table;https://example.com/{i}.jpg;{1000 + i}" for i in range(rows)]
-    path.write_text(";Caption;URL;Index\n" + "\n".join(lines) + "\n")
-    return path
 
 
 def write_full_memorized_table(path: Path) -> Path:
