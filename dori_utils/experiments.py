@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 from dataclasses import dataclass
 from typing import Callable
 
@@ -610,20 +611,28 @@ ORIGINAL_ATTACK_STARTS = ("random",)
 
 def finetune_variants(backend: Backend, items, surrogates, pairs, config, progress: bool = False) -> dict:
     """The three fine-tunings of :data:`FINETUNE_VARIANTS` with the same updates, data and seed, each saved under
-    ``results/<backend>/cache/finetuned/<folder>`` and reused while its settings and source are unchanged."""
+    ``results/<backend>/cache/finetuned/<folder>`` and reused while its settings and source are unchanged.
+
+    Each finished model leaves memory until all three are trained and is then loaded back from its folder: two
+    finished UNets beside a training copy, its gradients and the original would crowd a 16 GB GPU (at SD v1.4's
+    size in float16 they hold 3.4 GB)."""
     from dori_utils import finetune
 
     source = {"weights": finetune.weights_fingerprint(backend.unet), "items": [item.id for item in items],
               "surrogates": finetune.tensor_fingerprint(surrogates.images), "pairs": len(pairs)}
-    runs = {}
+    finished, folders = {}, {}
     for name, variant in FINETUNE_VARIANTS.items():
         run_config = dataclasses.replace(config, **variant.changes)
-        folder = results.results_dir(backend.name) / "cache" / "finetuned" / variant.folder
-        runs[name] = finetune.finetune_cached(
-            backend, folder, {"config": dataclasses.asdict(run_config), **source},
+        folders[name] = results.results_dir(backend.name) / "cache" / "finetuned" / variant.folder
+        run = finetune.finetune_cached(
+            backend, folders[name], {"config": dataclasses.asdict(run_config), **source},
             lambda: finetune.adversarial_finetune(backend, items, surrogates.images, pairs, run_config,
                                                   progress=progress))
-    return runs
+        finished[name] = dataclasses.replace(run, backend=None)
+        del run
+        gc.collect()  # a fine-tuned UNet can sit in a reference cycle; free it before the next training
+    return {name: dataclasses.replace(run, backend=finetune.load_finetuned(backend, folders[name]).backend)
+            for name, run in finished.items()}
 
 
 def finetune_settings_table(config, pairs) -> pd.DataFrame:

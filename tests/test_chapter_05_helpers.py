@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dori_utils import experiments, finetune, nemo, paper, plots, wanda
+from dori_utils import costs, experiments, finetune, nemo, paper, plots, wanda
 from dori_utils.evaluation import ItemEvaluation
 
 LEVELS = [[0.1, False], [0.5, True]]
@@ -135,9 +135,13 @@ def tiny_runs(tiny_backend, tmp_path_factory):
         pairs = experiments.ldm_pairs(tiny_backend, 8)
         config = finetune.FinetuneConfig(epochs=1, steps_per_epoch=1, attack_steps=1, attack_batch=1, dm_batch=2,
                                          adv_batch=2)
-        runs = experiments.finetune_variants(tiny_backend, items, surrogates, pairs, config)
+        with costs.count_model_calls() as calls:
+            with torch.no_grad():  # the original in use, as in the chapter, which samples with it first
+                tiny_backend.unet(torch.zeros(1, *tiny_backend.latent_shape), torch.tensor([0]),
+                                  tiny_backend.encode_prompts([items[0].prompt]))
+            runs = experiments.finetune_variants(tiny_backend, items, surrogates, pairs, config)
         yield SimpleNamespace(runs=runs, items=items, surrogates=surrogates, pairs=pairs, config=config,
-                              root=results_root)
+                              root=results_root, calls=calls)
 
 
 def test_finetune_variants_run_the_three_fine_tunings_and_reuse_them(tiny_backend, tiny_runs, monkeypatch):
@@ -151,6 +155,14 @@ def test_finetune_variants_run_the_three_fine_tunings_and_reuse_them(tiny_backen
     again = experiments.finetune_variants(tiny_backend, tiny_runs.items, tiny_runs.surrogates, tiny_runs.pairs,
                                           tiny_runs.config)
     assert again["adversarial fine-tuning"].history["l_dm"] == pytest.approx(runs["adversarial fine-tuning"].history["l_dm"])
+
+
+def test_each_fine_tuning_trains_beside_the_original_only(tiny_backend, tiny_runs):
+    training = [tally for (_, mode, _, _), tally in tiny_runs.calls.unet.items() if mode == "weight-grad"]
+    assert training and {tally.max_live_unets for tally in training} == {2}  # no finished model stays in memory
+    weights = {name: finetune.weights_fingerprint(run.unet) for name, run in tiny_runs.runs.items()}
+    assert len(set(weights.values())) == 3  # each loaded back from its own folder
+    assert finetune.weights_fingerprint(tiny_backend.unet) not in weights.values()
 
 
 def test_settings_table_and_cost_read_the_runs(tiny_runs):
