@@ -60,8 +60,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("organism", "smoke", "sd-v1-4", "colab")
-# Smoke outputs must never replace the book's committed outputs: by default they go here.
-DEFAULT_OUTPUT_DIRS = {"smoke": "_build/smoke"}
+# The committed outputs are the organism's: by default every other profile's run goes beside them, with its results,
+# so that a GPU run keeps the organism's book (and its tests) intact and can be compared with it.
+DEFAULT_OUTPUT_DIRS = {"smoke": "_build/smoke", "sd-v1-4": "_build/sd-v1-4", "colab": "_build/colab"}
 VOLATILE_CELL_KEYS = ("papermill", "execution")
 INJECTED_TAG = "injected-parameters"
 ERROR_MARKER_TAG = "papermill-error-cell-tag"
@@ -557,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only these chapters: glob or prefix of the file name, e.g. 02 '03_*'")
     run.add_argument("--no-build", action="store_true", help="do not build the HTML book afterwards")
     run.add_argument("--output-dir", type=Path, help="write executed notebooks (and build the book) here instead "
-                     "of in place; default in place, except for smoke: _build/smoke")
+                     "of in place; default in place for organism, _build/<profile> for the others")
     run.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3 = this environment)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars (logs)")
 

@@ -246,6 +246,16 @@ def test_run_reports_the_failing_cell_and_keeps_what_ran(tmp_path, capsys):
     assert len(source.cells) == 2 and not any(c.outputs for c in source.cells)
 
 
+def test_gpu_profiles_run_beside_the_committed_outputs(tmp_path):
+    nb = notebook(code(PARAMETERS, tags=["parameters"]), code("print(SMOKE)"))
+    root = make_book(tmp_path / "book", {"00_ok": nb})
+    assert book.run_book(root, "colab", build=False, progress=False) == 0
+    executed = nbformat.read(root / "_build" / "colab" / "chapters" / "00_ok.ipynb", as_version=4)
+    assert 'DEVICE = "cuda"' in executed.cells[1].source  # the colab profile's parameters were injected there
+    source = nbformat.read(root / "chapters" / "00_ok.ipynb", as_version=4)
+    assert len(source.cells) == 2 and not any(c.outputs for c in source.cells)
+
+
 def test_run_in_place_replaces_a_previous_profile(tmp_path):
     nb = notebook(code(PARAMETERS, tags=["parameters"]), code("print(SMOKE)"))
     root = make_book(tmp_path / "book", {"00_ok": nb})
