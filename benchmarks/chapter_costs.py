@@ -2,6 +2,10 @@
 
     python benchmarks/chapter_costs.py                       # profiles colab and sd-v1-4, every chapter
     python benchmarks/chapter_costs.py --profiles colab --chapters 01
+    python benchmarks/chapter_costs.py --profiles sd-v1-4 --chapters 00 01 --extrapolate-from 2 4
+
+Chapters 0 and 1 load every verbatim item on the sd-v1-4 profile (112), which takes hours on the CPU: the last
+command counts them at 2 and 4 items and extrapolates to 112 (``costs.extrapolate_calls``); the table marks them.
 
 Each chapter runs through papermill with a GPU profile's parameters, on the CPU, on a tiny random SD-1.x pipeline
 (saved with ``save_pretrained``), an SSCD stand-in and prompt tables in NeMo's schema with as many rows as NeMo's
@@ -55,7 +59,7 @@ def counting_copy(chapter: Path, out: Path, calls_path: Path) -> Path:
     return out
 
 
-def count_chapters(profiles: list[str], patterns: list[str] | None) -> dict:
+def count_chapters(profiles: list[str], patterns: list[str] | None, overrides: dict | None = None) -> dict:
     chapters = book.select_chapters(book.toc_chapters(ROOT), ROOT, patterns)
     record = {}
     with tempfile.TemporaryDirectory(prefix="dori-costs-") as scratch:
@@ -63,7 +67,7 @@ def count_chapters(profiles: list[str], patterns: list[str] | None) -> dict:
         options = {"model_id": save_tiny_sd_pipeline(scratch), "sscd_path": str(save_tiny_sscd(scratch / "sscd.pt")),
                    **write_tables(scratch)}
         for profile in profiles:
-            parameters = book.load_profile(profile, ROOT)
+            parameters = {**book.load_profile(profile, ROOT), **(overrides or {})}
             results = scratch / f"results-{profile}"  # one folder per profile: chapter 5 reads chapter 1's results
             record[profile] = {}
             for chapter in chapters:
@@ -86,14 +90,48 @@ def count_chapters(profiles: list[str], patterns: list[str] | None) -> dict:
     return record
 
 
+def extrapolated(record: dict, small: dict, large: dict, n_small: int, n_large: int) -> dict:
+    """``record`` (a profile's chapters) with each chapter counted in ``small`` and ``large`` (runs on ``n_small``
+    and ``n_large`` items) replaced by its calls extrapolated to the table's 112 verbatim items."""
+    for chapter in small:
+        calls = costs.extrapolate_calls(*(costs.ModelCalls.from_dict(run[chapter]["calls"]) for run in (small, large)),
+                                        n_small, n_large, VERBATIM_ROWS)
+        record[chapter] = {"calls": calls.to_dict(), "items": VERBATIM_ROWS, "extrapolated_from_items": [n_small, n_large],
+                           "cpu_seconds": small[chapter]["cpu_seconds"] + large[chapter]["cpu_seconds"]}
+    return record
+
+
+def reestimate(record: dict) -> None:
+    """Every entry's estimates from its calls, on the current cost model. A book run computes the reference images
+    once, in its first chapter; later chapters read them from the cache, so only the first pays for them (a chapter
+    counted on its own, as here, computes its own)."""
+    for profile, chapters in record["profiles"].items():
+        optimizer = book.load_profile(profile, ROOT).get("OPTIMIZER", "adafactor")
+        order = [chapter.stem for chapter in book.toc_chapters(ROOT)]
+        for chapter, entry in chapters.items():
+            paid = ("NeMo statistics",) if order.index(chapter) == 0 else ("NeMo statistics", "reference images")
+            calls = costs.ModelCalls.from_dict(entry["calls"])
+            entry["estimates"] = {gpu: costs.estimate(calls, gpu, optimizer, exclude_phases=paid) for gpu in costs.GPUS}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profiles", nargs="+", default=["colab", "sd-v1-4"])
     parser.add_argument("--chapters", nargs="+", default=None, help="glob or prefix of the chapters' file names")
+    parser.add_argument("--extrapolate-from", nargs=2, type=int, metavar=("N_SMALL", "N_LARGE"),
+                        help=f"count the chapters at MAX_ITEMS N_SMALL and N_LARGE and extrapolate to {VERBATIM_ROWS} "
+                             "items (for chapters that load every item, whose full count takes hours of CPU)")
     args = parser.parse_args(argv)
     record = json.loads(RESULT.read_text()) if RESULT.exists() else {"profiles": {}}
-    for profile, chapters in count_chapters(args.profiles, args.chapters).items():
+    if args.extrapolate_from:
+        n_small, n_large = args.extrapolate_from
+        small, large = (count_chapters(args.profiles, args.chapters, {"MAX_ITEMS": n}) for n in (n_small, n_large))
+        counted = {profile: extrapolated({}, small[profile], large[profile], n_small, n_large) for profile in small}
+    else:
+        counted = count_chapters(args.profiles, args.chapters)
+    for profile, chapters in counted.items():
         record["profiles"].setdefault(profile, {}).update(chapters)
+    reestimate(record)
     record["cost_model"] = costs.cost_model()
     record["updated"] = time.strftime("%Y-%m-%d")
     RESULT.parent.mkdir(parents=True, exist_ok=True)

@@ -155,6 +155,31 @@ def count_model_calls():
         UNet2DConditionModel.forward, AutoencoderKL.decode, AutoencoderKL.encode = unet_forward, decode, encode
 
 
+def extrapolate_calls(small: ModelCalls, large: ModelCalls, n_small: int, n_large: int, n: int) -> ModelCalls:
+    """The calls of a run on ``n`` items from the calls of two runs on ``n_small`` < ``n_large`` items, each count
+    taken as affine in the items (references, evaluations, NeMo searches and attacks per item, controls fixed):
+    rows, calls and images grow by their slope between the two runs. The largest call and the live UNets do not
+    grow: a row budget and the batch sizes set them. Exact where every item costs the same; NeMo's search, whose
+    length depends on the item, makes it an estimate."""
+    if not 0 < n_small < n_large:
+        raise ValueError(f"Need two runs on 0 < n_small < n_large items, got {n_small} and {n_large}")
+    if n < 1:
+        raise ValueError(f"Extrapolate to at least one item, not {n}")
+
+    def grown(a: int, b: int) -> int:
+        return max(0, round(a + (b - a) * (n - n_small) / (n_large - n_small)))
+
+    calls = ModelCalls()
+    for key in dict.fromkeys([*small.unet, *large.unet]):
+        a, b = small.unet.get(key, CallTally()), large.unet.get(key, CallTally())
+        calls.unet[key] = CallTally(grown(a.rows, b.rows), grown(a.calls, b.calls),
+                                    max(a.max_rows_per_call, b.max_rows_per_call), max(a.max_live_unets, b.max_live_unets),
+                                    max(a.max_live_unet_bytes, b.max_live_unet_bytes))
+    for key in dict.fromkeys([*small.vae, *large.vae]):
+        calls.vae[key] = grown(small.vae.get(key, 0), large.vae.get(key, 0))
+    return calls
+
+
 def _dtype_name(model: torch.nn.Module) -> str:
     return str(model.dtype).removeprefix("torch.")
 
@@ -225,9 +250,11 @@ def cost_table(record: dict) -> str:
     for chapter in chapters:
         cells = []
         for profile, gpu in columns:
-            entry = profiles[profile].get(chapter, {}).get("estimates", {}).get(gpu)
+            counted = profiles[profile].get(chapter, {})
+            entry = counted.get("estimates", {}).get(gpu)
             cells.append("-" if entry is None else
-                         f"{entry['hours']:.1f} h, {entry['peak_gb']:.0f} GB{'' if entry['fits'] else ' (does not fit)'}")
+                         f"{entry['hours']:.1f} h, {entry['peak_gb']:.0f} GB{'' if entry['fits'] else ' (does not fit)'}"
+                         + ("\\*" if "extrapolated_from_items" in counted else ""))
         lines.append(f"| {chapter} | " + " | ".join(cells) + " |")
     totals = [sum(profiles[p][c]["estimates"][g]["hours"] for c in profiles[p]) for p, g in columns]
     lines.append("| all | " + " | ".join(f"{t:.1f} h" for t in totals) + " |")
@@ -237,7 +264,13 @@ def cost_table(record: dict) -> str:
                  "profile's sizes, times SD v1.4's FLOPs per row, at "
                  f"{EFFICIENCY:.0%} of the GPU's dense peak (one public A100 sampling benchmark's share); peak "
                  "memory from the weights held and the largest call's saved activations. Hours exclude downloads "
-                 "and NeMo's published statistics.")
+                 "and NeMo's published statistics, and count reference images once, in the first chapter (the "
+                 "others read them from the cache).")
+    scaled = {(tuple(c["extrapolated_from_items"]), c["items"]) for chapters in profiles.values()
+              for c in chapters.values() if "extrapolated_from_items" in c}
+    for (n_small, n_large), n in sorted(scaled):
+        lines.append(f"\n\\* Counted at {n_small} and {n_large} items and extrapolated to {n} "
+                     "(`costs.extrapolate_calls`: each count affine in the items).")
     return "\n".join(lines)
 
 

@@ -98,6 +98,38 @@ def test_estimate_rejects_what_it_does_not_know():
         costs.estimate(costs.ModelCalls(), "T4", optimizer="sgd")
 
 
+def _per_item(n):
+    """Calls of a run on n items: 100 reference rows and 8 attack rows per item beside 50 fixed control rows, one
+    phase that only shows from three items on, and two decoded images per item."""
+    calls = costs.ModelCalls()
+    calls.unet[("reference images", "forward", "float16", False)] = costs.CallTally(100 * n, 10 * n, 8, 1, 2)
+    calls.unet[("Dori", "embedding-grad", "float16", False)] = costs.CallTally(8 * n + 50, n + 50, 8, 1, 2)
+    if n >= 3:
+        calls.unet[("NeMo", "forward", "float16", False)] = costs.CallTally(4 * (n - 2), n - 2, 4, 2, 4)
+    calls.vae[("reference images", "decode", "float16")] = 2 * n
+    return calls
+
+
+def test_calls_are_extrapolated_along_their_per_item_slope():
+    grown = costs.extrapolate_calls(_per_item(2), _per_item(4), 2, 4, 112)
+    assert grown.to_dict() == _per_item(112).to_dict()
+    assert costs.extrapolate_calls(_per_item(2), _per_item(4), 2, 4, 1).unet[
+        ("reference images", "forward", "float16", False)].rows == 100
+    for bad in [(4, 2, 112), (0, 4, 112), (2, 4, 0)]:
+        with pytest.raises(ValueError, match="item"):
+            costs.extrapolate_calls(_per_item(2), _per_item(4), *bad)
+
+
+def test_the_table_marks_extrapolated_chapters():
+    entry = {"calls": {}, "estimates": {gpu: costs.estimate(_per_item(112), gpu) for gpu in costs.GPUS}}
+    record = {"profiles": {"sd-v1-4": {"00_memorization": {**entry, "items": 112, "extrapolated_from_items": [2, 4]},
+                                       "02_trigger_spread": entry}}}
+    lines = costs.cost_table(record).splitlines()
+    assert lines[2].endswith("GB\\* |") and not lines[3].endswith("\\* |")
+    assert lines[-1] == "\\* Counted at 2 and 4 items and extrapolated to 112 (`costs.extrapolate_calls`: each " \
+                        "count affine in the items)."
+
+
 def test_the_pages_show_the_committed_cost_table():
     import json
     from pathlib import Path
