@@ -256,8 +256,12 @@ def cost_table(record: dict) -> str:
                          f"{entry['hours']:.1f} h, {entry['peak_gb']:.0f} GB{'' if entry['fits'] else ' (does not fit)'}"
                          + ("\\*" if "extrapolated_from_items" in counted else ""))
         lines.append(f"| {chapter} | " + " | ".join(cells) + " |")
-    totals = [sum(profiles[p][c]["estimates"][g]["hours"] for c in profiles[p]) for p, g in columns]
-    lines.append("| all | " + " | ".join(f"{t:.1f} h" for t in totals) + " |")
+    totals = []
+    for profile, gpu in columns:
+        hours = sum(profiles[profile][c]["estimates"][gpu]["hours"] for c in profiles[profile])
+        missing = [c.split("_")[0] for c in chapters if c not in profiles[profile]]
+        totals.append(f"{hours:.1f} h" + (f" without {', '.join(missing)} (not counted)" if missing else ""))
+    lines.append("| all | " + " | ".join(totals) + " |")
     lines.append("")
     lines.append(f"Estimates, not measurements (counted {record.get('updated', '?')} by "
                  "`benchmarks/chapter_costs.py`): each chapter's UNet and VAE calls, counted on a tiny pipeline at the "

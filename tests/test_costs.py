@@ -122,10 +122,11 @@ def test_calls_are_extrapolated_along_their_per_item_slope():
 
 def test_the_table_marks_extrapolated_chapters():
     entry = {"calls": {}, "estimates": {gpu: costs.estimate(_per_item(112), gpu) for gpu in costs.GPUS}}
-    record = {"profiles": {"sd-v1-4": {"00_memorization": {**entry, "items": 112, "extrapolated_from_items": [2, 4]},
-                                       "02_trigger_spread": entry}}}
+    record = {"profiles": {"colab": {"00_memorization": entry, "02_trigger_spread": entry},
+                           "sd-v1-4": {"00_memorization": {**entry, "items": 112, "extrapolated_from_items": [2, 4]}}}}
     lines = costs.cost_table(record).splitlines()
-    assert lines[2].endswith("GB\\* |") and not lines[3].endswith("\\* |")
+    assert lines[2].endswith("GB\\* |") and lines[3].endswith("| - | - |")
+    assert lines[4].endswith(" h without 02 (not counted) |") and "without" not in lines[4].split("|")[2]
     assert lines[-1] == "\\* Counted at 2 and 4 items and extrapolated to 112 (`costs.extrapolate_calls`: each " \
                         "count affine in the items)."
 
