@@ -60,9 +60,9 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROFILES = ("organism", "smoke", "sd-v1-4", "colab")
-# The committed outputs are the organism's: by default every other profile's run goes beside them, with its results,
-# so that a GPU run keeps the organism's book (and its tests) intact and can be compared with it.
-DEFAULT_OUTPUT_DIRS = {"smoke": "_build/smoke", "sd-v1-4": "_build/sd-v1-4", "colab": "_build/colab"}
+# The committed outputs are the organism's: by default every other profile's run goes beside them, into
+# _build/<profile> with its results, so that a GPU run keeps the organism's book (and its tests) intact.
+IN_PLACE_PROFILE = "organism"
 VOLATILE_CELL_KEYS = ("papermill", "execution")
 INJECTED_TAG = "injected-parameters"
 ERROR_MARKER_TAG = "papermill-error-cell-tag"
@@ -308,8 +308,8 @@ def run_book(root: Path, profile: str = "organism", patterns: list[str] | None =
     missing = [c for c in chapters if not c.exists()]
     if missing:
         raise BookError("Chapters listed in _toc.yml do not exist: " + ", ".join(map(str, missing)))
-    if output_dir is None and profile in DEFAULT_OUTPUT_DIRS:
-        output_dir = root / DEFAULT_OUTPUT_DIRS[profile]
+    if output_dir is None and profile != IN_PLACE_PROFILE:
+        output_dir = root / "_build" / profile
     warning = gpu_warning(parameters)
     if warning:
         print(warning, file=sys.stderr)
