@@ -79,37 +79,35 @@ def count_chapters(profiles: list[str], patterns: list[str] | None, overrides: d
                 copy = counting_copy(chapter, scratch / f"{profile}-{chapter.name}", calls_path)
                 book.execute_chapter(copy, scratch / f"executed-{profile}-{chapter.name}", run, progress=False,
                                      results=results)
-                calls = costs.ModelCalls.from_dict(json.loads(calls_path.read_text()))
-                record[profile][chapter.stem] = {
-                    "calls": calls.to_dict(), "cpu_seconds": round(time.time() - started),
-                    "estimates": {gpu: costs.estimate(calls, gpu, parameters.get("OPTIMIZER", "adafactor"))
-                                  for gpu in costs.GPUS}}
-                print(f"{profile} {chapter.stem}: " + ", ".join(
-                    f"{e['gpu']} {e['hours']:.2f} h, {e['peak_gb']:.1f} GB"
-                    for e in record[profile][chapter.stem]["estimates"].values()), flush=True)
+                record[profile][chapter.stem] = {"calls": json.loads(calls_path.read_text()),
+                                                 "cpu_seconds": round(time.time() - started)}
+                print(f"{profile} {chapter.stem}: counted in {record[profile][chapter.stem]['cpu_seconds']} s",
+                      flush=True)
     return record
 
 
-def extrapolated(record: dict, small: dict, large: dict, n_small: int, n_large: int) -> dict:
-    """``record`` (a profile's chapters) with each chapter counted in ``small`` and ``large`` (runs on ``n_small``
-    and ``n_large`` items) replaced by its calls extrapolated to the table's 112 verbatim items."""
+def extrapolated(small: dict, large: dict, n_small: int, n_large: int) -> dict:
+    """A profile's chapters counted in ``small`` and ``large`` (runs on ``n_small`` and ``n_large`` items), each with
+    its calls extrapolated to the table's 112 verbatim items."""
+    chapters = {}
     for chapter in small:
         calls = costs.extrapolate_calls(*(costs.ModelCalls.from_dict(run[chapter]["calls"]) for run in (small, large)),
                                         n_small, n_large, VERBATIM_ROWS)
-        record[chapter] = {"calls": calls.to_dict(), "items": VERBATIM_ROWS, "extrapolated_from_items": [n_small, n_large],
-                           "cpu_seconds": small[chapter]["cpu_seconds"] + large[chapter]["cpu_seconds"]}
-    return record
+        chapters[chapter] = {"calls": calls.to_dict(), "items": VERBATIM_ROWS,
+                             "extrapolated_from_items": [n_small, n_large],
+                             "cpu_seconds": small[chapter]["cpu_seconds"] + large[chapter]["cpu_seconds"]}
+    return chapters
 
 
 def reestimate(record: dict) -> None:
     """Every entry's estimates from its calls, on the current cost model. A book run computes the reference images
     once, in its first chapter; later chapters read them from the cache, so only the first pays for them (a chapter
     counted on its own, as here, computes its own)."""
+    first = book.toc_chapters(ROOT)[0].stem
     for profile, chapters in record["profiles"].items():
         optimizer = book.load_profile(profile, ROOT).get("OPTIMIZER", "adafactor")
-        order = [chapter.stem for chapter in book.toc_chapters(ROOT)]
         for chapter, entry in chapters.items():
-            paid = ("NeMo statistics",) if order.index(chapter) == 0 else ("NeMo statistics", "reference images")
+            paid = ("NeMo statistics",) if chapter == first else ("NeMo statistics", "reference images")
             calls = costs.ModelCalls.from_dict(entry["calls"])
             entry["estimates"] = {gpu: costs.estimate(calls, gpu, optimizer, exclude_phases=paid) for gpu in costs.GPUS}
 
@@ -126,7 +124,7 @@ def main(argv=None) -> None:
     if args.extrapolate_from:
         n_small, n_large = args.extrapolate_from
         small, large = (count_chapters(args.profiles, args.chapters, {"MAX_ITEMS": n}) for n in (n_small, n_large))
-        counted = {profile: extrapolated({}, small[profile], large[profile], n_small, n_large) for profile in small}
+        counted = {profile: extrapolated(small[profile], large[profile], n_small, n_large) for profile in small}
     else:
         counted = count_chapters(args.profiles, args.chapters)
     for profile, chapters in counted.items():
