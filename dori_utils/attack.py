@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
+from dori_utils.backend_types import check_count
 from dori_utils.noising import add_noise, prediction_target
 
 
@@ -73,6 +74,11 @@ def dori_attack(
         raise ValueError("no embeddings to attack: init is empty")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
+    check_count("batch_size", batch_size, allow_none=False)
+    check_count("chunk_size", chunk_size)
+    if not targets.is_floating_point() or not torch.isfinite(targets).all() or targets.min() < 0 or targets.max() > 1:
+        raise ValueError(f"targets must be finite float images in [0, 1] (got {targets.dtype}, range "
+                         f"{targets.min().item()}..{targets.max().item()}): divide uint8 images by 255.")
     if not torch.isfinite(init).all():
         raise ValueError("init holds NaN or infinite values: check the embeddings it came from")
     lr = backend.attack_learning_rate if learning_rate is None else learning_rate

@@ -126,8 +126,40 @@ class Backend:
         raise KeyError(f"No memorized item {item_id!r}; known: {[m.id for m in self.memorized]}")
 
 
+def check_count(name: str, value, allow_none: bool = True) -> None:
+    """A count setting (items, steps, a batch) is a whole number >= 1; papermill and YAML can hand in a string."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be at least 1, a whole number{' (or None)' if allow_none else ''}; "
+                         f"got {value!r} ({type(value).__name__}).")
+
+
+def check_prompts(prompts) -> list[str]:
+    """A list of prompt strings, at least one: a bare string would be encoded one character at a time."""
+    if isinstance(prompts, str):
+        raise TypeError(f"prompts must be a list of strings, got one string ({prompts[:40]!r}): pass [prompt].")
+    prompts = list(prompts)
+    if len(prompts) == 0:
+        raise ValueError("encode_prompts needs at least one prompt")
+    wrong = [p for p in prompts if not isinstance(p, str)]
+    if wrong:
+        raise TypeError(f"prompts must be strings; got {type(wrong[0]).__name__} ({wrong[0]!r}).")
+    return prompts
+
+
+def check_finite_weights(module: torch.nn.Module, source) -> None:
+    """Loaded weights with NaN or inf (a damaged file whose header still parses) would only show as NaN images."""
+    bad = [name for name, tensor in module.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        raise BackendError(f"The weights loaded from {source} hold NaN or infinite values in {len(bad)} tensor(s) "
+                           f"(first: {bad[0]}): the file is damaged. Restore or re-download it.")
+
+
 def select_items(items: list[MemorizedItem], item_ids, max_items: int | None) -> list[MemorizedItem]:
     """The items named by ``item_ids`` (in that order; None: all), then the first ``max_items`` of them."""
+    check_count("max_items", max_items)
     if item_ids is not None:
         by_id = {item.id: item for item in items}
         unknown = [str(i) for i in item_ids if str(i) not in by_id]

@@ -105,6 +105,9 @@ def memorization_rate(scores: torch.Tensor, threshold: float) -> float:
         raise ValueError(f"scores must be items x seeds, got shape {tuple(scores.shape)}")
     if scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"scores must hold at least one item and one seed, got shape {tuple(scores.shape)}")
+    if not torch.isfinite(torch.as_tensor(scores)).all():
+        raise ValueError("scores hold NaN or infinite values, which would count as 'not replicated': check the "
+                         "generations and the references they were scored against.")
     replicated = (median_score(scores) > threshold).sum().item()
     return replicated / len(scores)
 

@@ -133,12 +133,17 @@ def noise_differences(backend, embedding: torch.Tensor, seeds=range(10), timeste
     """Predicted minus initial noise after one UNet call at ``timestep`` (default: ``detection_timestep``),
     min-max normalised per sample and channel: seeds x C x H x W."""
     seeds = list(seeds)
+    if not torch.isfinite(embedding).all():
+        raise ValueError("the embedding holds NaN or infinite values; NeMo's test would call it 'not memorized'")
     timestep = detection_timestep(backend) if timestep is None else int(timestep)
     x = initial_noise(backend, seeds)
     condition = embedding.to(backend.device, backend.dtype).expand(len(seeds), -1, -1)
     t = torch.full((len(seeds),), timestep, dtype=torch.long)
     # float64: near abar = 0 the difference is a tiny fraction of x, below float32's resolution of x + difference.
     prediction = backend.unet(x, timestep, condition).sample.double()
+    if not torch.isfinite(prediction).all():
+        raise FloatingPointError("the UNet's prediction holds NaN or infinite values: its weights, or an edit "
+                                 "applied to them, are broken")
     diff = (predicted_noise(backend.scheduler, prediction, x.double(), t) - x.double()).float()
     low = diff.amin(dim=(2, 3), keepdim=True)
     high = diff.amax(dim=(2, 3), keepdim=True)

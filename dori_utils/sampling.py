@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from dori_utils.backend_types import check_count
+
 
 @dataclass
 class Samples:
@@ -70,8 +72,9 @@ def generate(
     if not torch.isfinite(embeddings).all():
         raise ValueError("embeddings hold NaN or infinite values: check the prompts or the attack they came from")
     steps = backend.num_inference_steps if num_inference_steps is None else num_inference_steps
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {steps}")
+    check_count("num_inference_steps", steps, allow_none=False)
+    check_count("stop_after", stop_after)
+    check_count("batch_size", batch_size)
     guidance = backend.guidance_scale if guidance_scale is None else guidance_scale
     batch_size = batch_size or getattr(backend, "sampling_batch", 32)
     empty = backend.empty_embedding()
@@ -83,7 +86,7 @@ def generate(
         uncond = empty.expand_as(cond)
         scheduler.set_timesteps(steps)
         norms = []
-        timesteps = scheduler.timesteps[:stop_after] if stop_after else scheduler.timesteps
+        timesteps = scheduler.timesteps[:stop_after] if stop_after is not None else scheduler.timesteps
         rows = torch.arange(start, start + len(cond))
         edit = (lambda: row_context(torch.cat([rows, rows]))) if row_context is not None else contextlib.nullcontext
         for i, t in enumerate(timesteps):
@@ -95,6 +98,11 @@ def generate(
             norms.append((out_cond - out_uncond).float().flatten(1).norm(dim=1))
             guided = out_uncond + guidance * (out_cond - out_uncond)
             x = scheduler.step(guided, t, x).prev_sample
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(
+                f"Sampling produced NaN or infinite values (embeddings {start}-{start + len(cond) - 1}): the model's "
+                "weights or an edit applied to them (pruning, fine-tuning) are broken, or float16 overflowed; try "
+                "float32.")
         images.append(backend.to_image_space(x).float().cpu())
         wen.append(torch.stack(norms, dim=1).cpu())
     return Samples(torch.cat(images), torch.cat(wen))

@@ -31,7 +31,8 @@ import torch
 from tqdm import tqdm
 
 from dori_utils import data
-from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device, hub_offline
+from dori_utils.backend_types import (Backend, BackendError, MemorizedItem, check_count, check_finite_weights,
+                                      check_prompts, default_device, hub_offline)
 from dori_utils.metrics import SSCD_URL, load_sscd, sscd_scorer
 
 # The Dori paper's attack learning rate (0.1) was set for CLIP embeddings, so CLIP's spread is 1 by definition.
@@ -208,9 +209,14 @@ def load_stable_diffusion(
     (in that order), before ``max_items``. See the module docstring for how reference images are chosen and
     cached (``reference_cache=None``: not cached).
     """
+    check_count("num_inference_steps", num_inference_steps, allow_none=False)
+    check_count("sampling_batch", sampling_batch, allow_none=False)
+    check_count("max_items", max_items)
     device = torch.device(device) if device is not None else default_device()
     local_files_only = hub_offline() if local_files_only is None else local_files_only
     unet, vae, text_encoder, tokenizer, scheduler = _load_components(model_id, dtype, cache_dir, local_files_only)
+    for module, part in ((unet, "unet"), (vae, "vae"), (text_encoder, "text_encoder")):
+        check_finite_weights(module, f"{model_id} ({part})")
     unet, vae, text_encoder = (m.to(device).eval().requires_grad_(False) for m in (unet, vae, text_encoder))
     scaling_factor = vae.config.scaling_factor
     latent_size = unet.config.sample_size
@@ -218,9 +224,7 @@ def load_stable_diffusion(
 
     @torch.no_grad()
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
-        if len(prompts) == 0:
-            raise ValueError("encode_prompts needs at least one prompt")
-        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+        tokens = tokenizer(check_prompts(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                            truncation=True, return_tensors="pt")
         return text_encoder(tokens.input_ids.to(device)).last_hidden_state.to(dtype)
 

@@ -59,9 +59,16 @@ def input_norms(backend, embeddings: torch.Tensor, seeds: list[int], union_steps
     return {name: torch.stack([sums[name][s] for s in range(union_steps)]).sqrt() for name in layers}
 
 
+def check_sparsity(sparsity) -> None:
+    """A share of each output row's weights: strictly between 0 and 1 (0 would still prune one weight per row)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+        raise ValueError(f"sparsity must be a share strictly between 0 and 1 (0.01 = 1%), got {sparsity!r}")
+
+
 def select_weights(weight: torch.Tensor, target_norms: torch.Tensor, base_norms: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Boolean mask (out x in) for one layer: union over steps of the per-row top-`sparsity` target weights
     whose target score exceeds the base score."""
+    check_sparsity(sparsity)
     w = weight.detach().abs().float().cpu()
     k = max(1, int(sparsity * w.shape[1]))
     mask = torch.zeros_like(w, dtype=torch.bool)
@@ -79,6 +86,8 @@ def pruning_masks(backend, target_embeddings: torch.Tensor, sparsity: float | li
 
     With a list of sparsities, one mask set per sparsity (``{sparsity: masks}``) from the same activation norms.
     """
+    for share in (sparsity if isinstance(sparsity, (list, tuple)) else [sparsity]):
+        check_sparsity(share)
     seeds = list(seeds) if seeds is not None else [0] * len(target_embeddings)
     base = backend.empty_embedding().expand(len(target_embeddings), -1, -1)
     target_norms = input_norms(backend, target_embeddings, seeds, union_steps, **sampling_kwargs)

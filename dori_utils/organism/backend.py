@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dori_utils.backend_types import Backend, BackendError, MemorizedItem, default_device, select_items
+from dori_utils.backend_types import (Backend, BackendError, MemorizedItem, check_count, check_finite_weights,
+                                      check_prompts, default_device, select_items)
 
 DEFAULT_ORGANISM_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "organism"
 
@@ -47,6 +48,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
     from dori_utils.metrics import ssim_score
     from dori_utils.organism.model import encode_text, load_text_encoder
 
+    check_count("num_inference_steps", num_inference_steps)
     path = Path(path or os.environ.get("DORI_ORGANISM_DIR") or DEFAULT_ORGANISM_DIR)
     device = torch.device(device or default_device())
     manifest_path = path / "manifest.json"
@@ -67,13 +69,12 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
             "Restore it with `git checkout -- data/organism`, or retrain it with "
             "`python -m dori_utils.organism.train --out data/organism`."
         ) from error
+    check_finite_weights(unet, path / "unet")
     unet = unet.to(device).eval().requires_grad_(False)
     tokenizer, encoder = load_text_encoder(device)
 
     def encode_prompts(prompts: list[str]) -> torch.Tensor:
-        if len(prompts) == 0:
-            raise ValueError("encode_prompts needs at least one prompt")
-        return encode_text(tokenizer, encoder, list(prompts)).to(dtype)
+        return encode_text(tokenizer, encoder, check_prompts(prompts)).to(dtype)
 
     memorized = select_items(_organism_items(path, manifest, ("VM",) if vm_only else ("VM", "TM")), item_ids, max_items)
     recipe = manifest["data_recipe"]
@@ -107,7 +108,8 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         embedding_shape=(16, 384),
         latent_shape=(3, size, size),
         embedding_spread=embedding_spread,
-        num_inference_steps=num_inference_steps or int(manifest.get("sampling", {}).get("num_inference_steps", 20)),
+        num_inference_steps=(num_inference_steps if num_inference_steps is not None
+                             else int(manifest.get("sampling", {}).get("num_inference_steps", 20))),
         guidance_scale=float(manifest.get("sampling", {}).get("guidance_scale", 2.0)),
         device=device,
         dtype=dtype,
