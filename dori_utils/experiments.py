@@ -730,16 +730,12 @@ def fresh_attack_grid(items, surrogates, fresh: FreshAttack) -> dict:
 CHAPTER1_SETTINGS = ("NeMo + Dori", "Wanda 1% + Dori")
 
 
-def pruning_results(backend_name: str) -> dict:
+def pruning_results(backend_name: str, smoke: bool) -> dict:
     """Chapter 1's NeMo + Dori and Wanda 1% + Dori summaries on this backend (``ch1_pruning.json``), the pruning
-    baselines fine-tuning is compared with; empty where chapter 1 has not run."""
-    import json
-
-    path = results.results_dir(backend_name) / "ch1_pruning.json"
-    if not path.exists():
-        return {}
-    recorded = json.loads(path.read_text())
-    return {setting: recorded[setting] for setting in CHAPTER1_SETTINGS if setting in recorded}
+    baselines fine-tuning is compared with. Stops with :class:`results.ResultsMissing` where chapter 1 has not run
+    the same way (backend, smoke or not) or stopped before recording both."""
+    recorded = results.read_results("ch1_pruning", backend_name, smoke, required=CHAPTER1_SETTINGS)
+    return {setting: recorded[setting] for setting in CHAPTER1_SETTINGS}
 
 
 PAPER_ONLY_SETTINGS = ("ESD + Dori", "Concept Ablation + Dori", "SISS + Dori")

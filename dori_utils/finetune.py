@@ -53,7 +53,9 @@ import copy
 import dataclasses
 import hashlib
 import json
+import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +68,7 @@ from tqdm import tqdm
 from dori_utils import attack
 from dori_utils.metrics import best_reference_score
 from dori_utils.noising import add_noise, prediction_target
+from dori_utils.results import check_writable
 
 FINETUNE_FILE = "finetune.json"
 
@@ -421,6 +424,16 @@ def finetune_cached(backend, out_dir, key: dict, compute: Callable[[], FinetuneR
         stored = json.loads((out / FINETUNE_FILE).read_text())
         if stored.get("key") == key:
             return load_finetuned(backend, out)
+    check_writable(out.parent)
     result = compute()
-    save_finetuned(result, out, key=key)
+    # Weights and key are written together into a folder of this process's own, which then takes the place of
+    # the old one: a kill at any moment leaves the old entry, no entry, or the new one, never key A on weights B.
+    fresh = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    shutil.rmtree(fresh, ignore_errors=True)
+    save_finetuned(result, fresh, key=key)
+    stale = out.with_name(f".{out.name}.{os.getpid()}.stale")
+    if out.exists():
+        os.replace(out, stale)
+    os.replace(fresh, out)
+    shutil.rmtree(stale, ignore_errors=True)
     return result

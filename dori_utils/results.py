@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,32 +20,79 @@ import torch
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 
 
-def results_dir(backend_name: str, root: str | Path | None = None) -> Path:
-    path = Path(root or os.environ.get("DORI_RESULTS", REPOSITORY_ROOT / "results")) / backend_name
+def results_dir(backend_name: str, root: str | Path | None = None, smoke: bool = False) -> Path:
+    """``results/<backend>/`` (or under ``DORI_RESULTS``); a smoke-sized run's results go to ``<backend>-smoke/``,
+    never over the full run's (a chapter run with papermill or Jupyter writes here as ``dori-book run`` does)."""
+    folder = f"{backend_name}-smoke" if smoke else backend_name
+    path = Path(root or os.environ.get("DORI_RESULTS", REPOSITORY_ROOT / "results")) / folder
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+PROVENANCE_KEY = "_provenance"
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` in one rename from a temporary file of this process's own (two writers never share one)."""
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(handle, "w") as file:
+        file.write(text)
+    os.replace(partial, path)
 
 
 class ResultLog:
     """A JSON file that is rewritten each time a result is recorded.
 
     A new log starts empty and replaces the file from its first record on: a chapter's JSON holds the results of
-    one run only, never a mix with an earlier run's keys.
+    one run only, never a mix with an earlier run's keys. ``provenance`` (the backend, whether the run was
+    smoke-sized, ...) is stored under ``_provenance`` so that a chapter reading these results can check that they
+    come from a run like its own (:func:`read_results`); it is not glued.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, provenance: dict | None = None):
         self.path = Path(path)
-        self.data: dict = {}
+        self.data: dict = {PROVENANCE_KEY: {**provenance, "dori_utils": _package_version()}} if provenance else {}
 
     def record(self, key: str, value) -> None:
         self.data[key] = value
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=float))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, json.dumps(self.data, indent=1, default=float))
 
     def glue(self) -> list[str]:
         """Glue every number of this log for the chapter's prose (see :func:`glue_values`)."""
-        return glue_values(json.loads(json.dumps(self.data, default=float)))
+        values = {k: v for k, v in self.data.items() if k != PROVENANCE_KEY}
+        return glue_values(json.loads(json.dumps(values, default=float)))
+
+
+def chapter_log(name: str, backend_name: str, smoke: bool) -> ResultLog:
+    """A chapter's ``ResultLog``: ``<name>.json`` in its results folder, with the run's provenance."""
+    return ResultLog(results_dir(backend_name, smoke=smoke) / f"{name}.json",
+                     provenance={"chapter": name, "backend": backend_name, "smoke": bool(smoke)})
+
+
+class ResultsMissing(RuntimeError):
+    """A chapter needs another chapter's results, and they are absent, partial or from another kind of run."""
+
+
+def read_results(name: str, backend_name: str, smoke: bool, required: tuple[str, ...]) -> dict:
+    """Another chapter's results, checked: written by a run on the same backend and of the same size (smoke or
+    not), and holding every key in ``required`` (a run stopped half-way leaves some out)."""
+    path = results_dir(backend_name, smoke=smoke) / f"{name}.json"
+    chapter = name[2:].split("_")[0]
+    rerun = (f"Run chapter {chapter} first, the same way (`dori-book run --chapters 0{chapter}"
+             f"{' --profile smoke' if smoke else ''}`, or in Jupyter with BACKEND = {backend_name!r} and "
+             f"SMOKE = {smoke}).")
+    if not path.exists():
+        raise ResultsMissing(f"{path} does not exist. {rerun}")
+    recorded = json.loads(path.read_text())
+    provenance = recorded.get(PROVENANCE_KEY, {})
+    expected = {"backend": backend_name, "smoke": bool(smoke)}
+    found = {key: provenance.get(key) for key in expected}
+    if found != expected:
+        raise ResultsMissing(f"{path} comes from another run ({found}, this one is {expected}). {rerun}")
+    missing = [key for key in required if key not in recorded]
+    if missing:
+        raise ResultsMissing(f"{path} lacks {missing}: its run stopped before recording them. {rerun}")
+    return recorded
 
 
 # myst-nb reads glued values from outputs under this prefix, which Jupyter and Colab do not display.
@@ -110,15 +158,32 @@ def cached(cache_dir: str | Path, name: str, params: dict, compute):
             return torch.load(path, weights_only=False)["value"]
         except Exception as error:  # a corrupt entry is only a cache miss, but say so
             warnings.warn(f"Cache entry {path} could not be read ({error}); recomputing it.", stacklevel=2)
+    check_writable(path.parent)
     value = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"params": params, "value": value}, tmp)
-    tmp.replace(path)
+    # The key travels inside the payload, and each writer renames its own temporary file into place: two processes
+    # filling the same entry both succeed (the last rename wins), and a killed write leaves only a stray .tmp.
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    torch.save({"params": params, "value": value}, partial)
+    os.replace(partial, path)
     sidecar = {"name": name, "params": json.loads(json.dumps(params, default=str)), "dori_utils": _package_version(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    path.with_suffix(".json").write_text(json.dumps(sidecar, indent=1))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
     return value
+
+
+def check_writable(folder: str | Path) -> Path:
+    """Make ``folder`` and write a file in it, before hours of computing would be lost to a folder that cannot
+    take the result; the error names the folder and what to do."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PermissionError(f"Cannot write results to {folder} ({error.strerror or error}). Make it writable, or "
+                              "point DORI_RESULTS at a writable folder.") from None
+    return folder
 
 
 def _package_version() -> str:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from dori_utils import costs, experiments, finetune, nemo, paper, plots, wanda
+from dori_utils import costs, experiments, finetune, nemo, paper, plots, results, wanda
 from dori_utils.evaluation import ItemEvaluation
 
 LEVELS = [[0.1, False], [0.5, True]]
@@ -198,12 +198,24 @@ def test_fresh_attack_summaries_use_the_paper_setting_names():
     assert f"{experiments.prompt_attack_settings()[1]}.mr" in paper.NUMBERS  # the paper's adversarial row
 
 
-def test_pruning_results_read_chapter_1_or_nothing(tmp_path, monkeypatch):
+def test_pruning_results_read_chapter_1_of_the_same_run_or_stop(tmp_path, monkeypatch):
     monkeypatch.setenv("DORI_RESULTS", str(tmp_path))
-    assert experiments.pruning_results("organism") == {}
+    with pytest.raises(results.ResultsMissing, match="does not exist.*dori-book run --chapters 01"):
+        experiments.pruning_results("organism", smoke=False)
     summary = {"score_mean": 0.9, "score_sd": 0.1, "mr": 1.0}
-    (tmp_path / "organism" / "ch1_pruning.json").write_text(json.dumps({"NeMo + Dori": summary, "NeMo": summary}))
-    assert experiments.pruning_results("organism") == {"NeMo + Dori": summary}
+    log = results.chapter_log("ch1_pruning", "organism", smoke=False)
+    log.record("NeMo + Dori", summary)
+    with pytest.raises(results.ResultsMissing, match="lacks \\['Wanda 1% \\+ Dori'\\]"):  # a run stopped half-way
+        experiments.pruning_results("organism", smoke=False)
+    log.record("Wanda 1% + Dori", summary)
+    log.record("NeMo", summary)
+    assert experiments.pruning_results("organism", smoke=False) == {"NeMo + Dori": summary, "Wanda 1% + Dori": summary}
+    with pytest.raises(results.ResultsMissing, match="does not exist"):  # smoke results live apart
+        experiments.pruning_results("organism", smoke=True)
+    smoke = results.chapter_log("ch1_pruning", "organism", smoke=True)
+    smoke.path.write_text(json.dumps({**log.data, "_provenance": {"backend": "organism", "smoke": False}}))
+    with pytest.raises(results.ResultsMissing, match="comes from another run"):
+        experiments.pruning_results("organism", smoke=True)
 
 
 def test_finetuning_table_sets_every_row_beside_the_paper():
