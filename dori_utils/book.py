@@ -81,22 +81,59 @@ class BookError(RuntimeError):
 
 
 class ChapterFailed(BookError):
-    def __init__(self, chapter: Path, message: str):
+    def __init__(self, chapter: Path, message: str, interrupted: bool = False):
         super().__init__(message)
         self.chapter = chapter
+        self.interrupted = interrupted
 
 
 # --------------------------------------------------------------------------------------------- book layout
 
 def find_root(start: Path | str | None = None) -> Path:
-    """The book's root: the first folder holding ``_toc.yml``, from ``start`` (default: cwd) upwards, else the repo."""
+    """The book's root: the first folder holding ``_toc.yml``, from ``start`` (default: cwd) upwards.
+
+    No fallback to this package's repository: run from elsewhere, that would execute the repository's chapters in
+    place, which nobody asked for."""
     start = Path(start or Path.cwd()).resolve()
     for folder in (start, *start.parents):
         if (folder / "_toc.yml").exists():
             return folder
-    if (REPO_ROOT / "_toc.yml").exists():
-        return REPO_ROOT
     raise BookError(f"No _toc.yml in {start} or above: run dori-book from the book's folder, or pass --root.")
+
+
+def book_root(path: Path | str) -> Path:
+    """``--root``: the folder itself must be a book (hold ``_toc.yml``); a parent that is one does not count, so
+    ``--root student`` never runs the repository's chapters."""
+    path = Path(path).resolve()
+    if not path.is_dir():
+        raise BookError(f"--root {path}: no such folder.")
+    if not (path / "_toc.yml").is_file():
+        raise BookError(f"--root {path} is not a book: it has no _toc.yml (a book's folder holds _toc.yml, "
+                        "_config.yml, profiles/ and chapters/). Student copies are notebooks to open, not a book to run.")
+    return path
+
+
+def read_notebook(path: Path):
+    """A notebook, or an error that names the file and how to get it back (a killed write leaves broken JSON)."""
+    import nbformat
+
+    try:
+        return nbformat.read(path, as_version=4)
+    except Exception as error:
+        raise BookError(f"{path} is not a readable notebook ({type(error).__name__}: {str(error)[:200]}). "
+                        f"Restore the committed version with `git checkout -- {path}`.") from None
+
+
+def replace_file(source: Path, target: Path) -> None:
+    """Move ``source`` over ``target`` in one step, so that ``target`` is always either the old or the new file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(source, target)
+    except OSError:  # another file system: copy beside the target first, then rename
+        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+        shutil.copy2(source, partial)
+        os.replace(partial, target)
+        source.unlink()
 
 
 def _toc_entries(node) -> list[str]:
@@ -161,10 +198,58 @@ def load_profile(name: str, root: Path) -> dict:
     if not path.exists():
         known = sorted(p.stem for p in (root / "profiles").glob("*.yaml"))
         raise BookError(f"No profile {name!r}: {path} does not exist. Known profiles: {known}.")
-    parameters = yaml.safe_load(path.read_text()) or {}
+    try:
+        parameters = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise BookError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(parameters, dict):
         raise BookError(f"{path} must map parameter names to values, got {type(parameters).__name__}.")
     return parameters
+
+
+def chapter_parameters(chapter: Path) -> dict:
+    """The names a chapter's ``parameters`` cell assigns, with their default values (None where not a literal)."""
+    import ast
+
+    cells = [c for c in read_notebook(chapter).cells
+             if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    defaults = {}
+    for cell in cells:
+        for node in ast.parse(cell.source).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    try:
+                        defaults[target.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        defaults[target.id] = None
+    return defaults
+
+
+def _same_kind(value, default) -> bool:
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def check_profile(parameters: dict, chapters: list[Path], source: str) -> None:
+    """Stop before anything runs when a profile names a parameter no chapter has (a typo would silently run the
+    defaults) or gives a value of another kind than the chapters' default (``MAX_ITEMS: abc``)."""
+    declared = {chapter: chapter_parameters(chapter) for chapter in chapters}
+    known = sorted(set().union(*declared.values())) if declared else []
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise BookError(f"{source} sets {unknown}, which no chapter's parameters cell has. The chapters' parameters: "
+                        f"{', '.join(known)}.")
+    for chapter, defaults in declared.items():
+        for name, value in parameters.items():
+            if name in defaults and not _same_kind(value, defaults[name]):
+                raise BookError(f"{source} sets {name} to {value!r} ({type(value).__name__}), but {chapter.name} "
+                                f"expects a {type(defaults[name]).__name__} like its default {defaults[name]!r}.")
 
 
 def kernel_environment(parameters: dict, results: Path | None = None) -> dict:
@@ -242,46 +327,95 @@ def _excerpt(source: str, lines: int = 8) -> str:
 
 
 def execute_chapter(chapter: Path, output: Path, parameters: dict, kernel: str = "python3",
-                    progress: bool = True, start_timeout: int = 180, results: Path | None = None) -> float:
+                    progress: bool = True, start_timeout: int = 180, results: Path | None = None,
+                    scratch: Path | None = None) -> float:
     """Execute one chapter with papermill into ``output`` (may equal ``chapter``) from the chapter's folder.
 
-    Outputs are saved after every cell, so a failure keeps what already ran. Returns the wall time in seconds;
-    raises :class:`ChapterFailed` naming the failing cell (its index in the chapter as written, 0-based).
+    Papermill writes a scratch copy (in ``scratch``, default a temporary folder), saved after every cell; only a
+    chapter that finished replaces ``output``, in one rename, so an interrupted or killed run never leaves a
+    half-written notebook there. A failure keeps what ran: in ``output`` when that is not the chapter itself, else
+    in the scratch copy, and the error names where. Returns the wall time in seconds; raises
+    :class:`ChapterFailed` naming the failing cell (its index in the chapter as written, 0-based).
     """
     import nbformat
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
-    nb = drop_marker_cells(nbformat.read(chapter, as_version=4))
-    output.parent.mkdir(parents=True, exist_ok=True)
+    nb = drop_marker_cells(read_notebook(chapter))
+    scratch = Path(scratch) if scratch is not None else Path(tempfile.mkdtemp(prefix="dori-run-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    work = scratch / chapter.name
     env = kernel_environment(parameters, results)
     saved_env = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the kernel inherits this process's environment
+
+    def keep_partial() -> Path:
+        if not work.exists():
+            return work
+        strip_file(work)
+        if output.resolve() == chapter.resolve():
+            return work  # the committed chapter stays as it was
+        replace_file(work, output)
+        return output
+
     started = time.perf_counter()
     try:
-        papermill.execute_notebook(nb, str(output), parameters=parameters, kernel_name=kernel,
+        papermill.execute_notebook(nb, str(work), parameters=parameters, kernel_name=kernel,
                                    cwd=str(chapter.parent), request_save_on_cell_execute=True,
                                    progress_bar=progress, start_timeout=start_timeout)
     except PapermillExecutionError as error:
-        cells = [c for c in nbformat.read(output, as_version=4).cells
+        cells = [c for c in nbformat.read(work, as_version=4).cells
                  if ERROR_MARKER_TAG not in c.metadata.get("tags", [])]
         injected = sum(INJECTED_TAG in c.metadata.get("tags", []) for c in cells[: error.cell_index])
         index = error.cell_index - injected
+        kept = keep_partial()
         raise ChapterFailed(chapter, (
             f"{chapter} failed at cell {index} (0-based, as written; In [{error.exec_count}]):\n"
             f"{_excerpt(error.source)}\n{error.ename}: {error.evalue}\n"
-            f"Partial outputs saved in {output}.")) from None
+            f"Partial outputs saved in {kept}.")) from None
     except KeyboardInterrupt:
-        raise ChapterFailed(chapter, f"Interrupted during {chapter}; partial outputs saved in {output}.") from None
+        kept = keep_partial()
+        raise ChapterFailed(chapter, f"Interrupted during {chapter}; {output} is unchanged; partial outputs in "
+                                     f"{kept}.", interrupted=True) from None
     finally:
         for key, value in saved_env.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        if output.exists():
-            strip_file(output)
+    strip_file(work)
+    replace_file(work, output)
     return time.perf_counter() - started
+
+
+def stage_results(results: Path, stage: Path) -> Path:
+    """A scratch copy of the book's results for one chapter to write into; caches are linked, not copied (they are
+    not committed, their writes are atomic, and what a chapter computes there is kept even if it fails)."""
+    if stage.exists():
+        shutil.rmtree(stage)
+    stage.parent.mkdir(parents=True, exist_ok=True)
+    if results.is_dir():
+        shutil.copytree(results, stage, ignore=shutil.ignore_patterns("cache", "pilots", "*.tmp"))
+        for cache in results.glob("*/cache"):
+            (stage / cache.parent.name).mkdir(parents=True, exist_ok=True)
+            (stage / cache.parent.name / "cache").symlink_to(cache.resolve(), target_is_directory=True)
+    else:
+        stage.mkdir()
+    return stage
+
+
+def publish_results(stage: Path, results: Path) -> list[Path]:
+    """Move every file a finished chapter wrote or changed in ``stage`` into ``results``, each in one rename."""
+    published = []
+    for folder, subfolders, files in os.walk(stage):
+        subfolders[:] = [name for name in subfolders if not (Path(folder) / name).is_symlink()]
+        for name in files:
+            source = Path(folder) / name
+            target = results / source.relative_to(stage)
+            if not target.exists() or target.read_bytes() != source.read_bytes():
+                replace_file(source, target)
+                published.append(target)
+    return published
 
 
 def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
@@ -293,7 +427,9 @@ def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
     record = {"profile": profile, "machine": machine_info(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "total_seconds": round(sum(done), 1), "chapters": sorted(chapters.values(), key=lambda e: e["order"])}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(partial, path)
 
 
 # --------------------------------------------------------------------------------------------- commands
@@ -308,38 +444,55 @@ def run_book(root: Path, profile: str = "organism", patterns: list[str] | None =
     missing = [c for c in chapters if not c.exists()]
     if missing:
         raise BookError("Chapters listed in _toc.yml do not exist: " + ", ".join(map(str, missing)))
+    check_profile(parameters, [c for c in all_chapters if c.exists()], str(root / "profiles" / f"{profile}.yaml"))
     if output_dir is None and profile != IN_PLACE_PROFILE:
         output_dir = root / "_build" / profile
+    in_place = output_dir is None
     warning = gpu_warning(parameters)
     if warning:
         print(warning, file=sys.stderr)
     where = f"into {output_dir}" if output_dir else "in place"
     print(f"dori-book run: profile {profile!r} {parameters or '(notebook defaults)'}, {len(chapters)} chapter(s), "
           f"executed {where}")
+    # In place, a chapter writes into scratch copies (notebook and results) that replace the committed files only
+    # once it has finished: an interrupted run leaves every committed file as it was.
+    scratch = root / "_build" / "run"
     entries, timings = [], root / "results" / f"timings-{profile}.json"
     bar = tqdm(chapters, desc=f"chapters ({profile})", unit="chapter", disable=not progress, position=0)
-    failure = None
-    for chapter in bar:
-        rel = chapter.relative_to(root)
-        bar.set_postfix_str(rel.name)
-        output = (output_dir / rel) if output_dir else chapter
-        entry = {"chapter": rel.as_posix(), "order": all_chapters.index(chapter),
-                 "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        try:
-            seconds = execute_chapter(chapter, output, parameters, kernel=kernel, progress=progress,
-                                      results=output_dir / "results" if output_dir else None)
-        except ChapterFailed as error:
-            failure = error
-            entries.append({**entry, "status": "failed", "seconds": None})
-            break
-        entries.append({**entry, "status": "ok", "seconds": round(seconds, 1)})
-        tqdm.write(f"  {rel.as_posix():<48} {seconds:7.1f} s")
+    failure, finished = None, []
+    try:
+        for chapter in bar:
+            rel = chapter.relative_to(root)
+            bar.set_postfix_str(rel.name)
+            output = (output_dir / rel) if output_dir else chapter
+            results = stage_results(root / "results", scratch / "results") if in_place else output_dir / "results"
+            entry = {"chapter": rel.as_posix(), "order": all_chapters.index(chapter),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            try:
+                seconds = execute_chapter(chapter, output, parameters, kernel=kernel, progress=progress,
+                                          results=results, scratch=scratch / "notebooks")
+            except ChapterFailed as error:
+                failure = error
+                if not error.interrupted:
+                    entries.append({**entry, "status": "failed", "seconds": None})
+                break
+            if in_place:
+                publish_results(results, root / "results")
+            finished.append(rel.as_posix())
+            entries.append({**entry, "status": "ok", "seconds": round(seconds, 1)})
+            write_timings(timings, profile, entries)
+            tqdm.write(f"  {rel.as_posix():<48} {seconds:7.1f} s")
+    except KeyboardInterrupt:
+        failure = ChapterFailed(chapter, "Interrupted between chapters.", interrupted=True)
     bar.close()
-    write_timings(timings, profile, entries)
+    if entries:
+        write_timings(timings, profile, entries)
     total = sum(e["seconds"] or 0 for e in entries)
     if failure:
-        print(f"\nFAILED: {failure}\nChapters before it are kept. Timings: {timings}", file=sys.stderr)
-        return 1
+        done = ", ".join(finished) or "none"
+        print(f"\n{'INTERRUPTED' if failure.interrupted else 'FAILED'}: {failure}\nFinished and kept: {done}. "
+              f"The chapters after them are unchanged. Timings: {timings}", file=sys.stderr)
+        return 130 if failure.interrupted else 1
     print(f"All {len(chapters)} chapter(s) ran in {total:.1f} s. Timings: {timings}")
     if not build:
         return 0
@@ -422,7 +575,7 @@ def write_student_copies(root: Path, out: Path) -> list[Path]:
             print(f"  skipped (not written yet): {chapter.relative_to(root)}")
             continue
         target = out / chapter.name
-        nb = student_copy(nbformat.read(chapter, as_version=4))
+        nb = student_copy(read_notebook(chapter))
         nbformat.validate(nb)
         nbformat.write(nb, target)
         written.append(target)
@@ -507,9 +660,7 @@ if "google.colab" in sys.modules:
 
 def check_chapter(path: Path) -> list[str]:
     """Problems with a chapter's conventions (see the module docstring); an empty list when it follows them."""
-    import nbformat
-
-    nb = nbformat.read(path, as_version=4)
+    nb = read_notebook(path)
     problems = []
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code or "google.colab" not in code[0].source:
@@ -576,18 +727,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        root = find_root(args.root)
+        root = book_root(args.root) if args.root else find_root()
 
         def under_root(path: Path) -> Path:
             return path if path.is_absolute() else root / path
 
         if args.command == "run":
-            return run_book(root, args.profile, args.chapters, build=not args.no_build,
-                            output_dir=under_root(args.output_dir) if args.output_dir else None,
+            output_dir = under_root(args.output_dir) if args.output_dir else None
+            if output_dir is not None and output_dir.resolve() == root:
+                raise BookError(f"--output-dir {output_dir} is the book's own folder: leave --output-dir out to run "
+                                "in place, or name another folder.")
+            return run_book(root, args.profile, args.chapters, build=not args.no_build, output_dir=output_dir,
                             progress=not args.no_progress, kernel=args.kernel)
         if args.command == "build":
             return build_book(root)
         if args.command == "student":
+            chapter_folders = {c.parent.resolve() for c in toc_chapters(root)} | {root}
+            if under_root(args.out).resolve() in chapter_folders:
+                raise BookError(f"--out {args.out} holds the book's own chapters or sources: student copies would "
+                                "replace them. Name another folder (default: student/).")
             written = write_student_copies(root, under_root(args.out))
             print(f"Wrote {len(written)} student notebook(s) to {under_root(args.out)}")
             return 0
@@ -598,7 +756,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             failures = 0
             for chapter in toc_chapters(root):
-                problems = ["missing"] if not chapter.exists() else check_chapter(chapter)
+                try:
+                    problems = ["missing"] if not chapter.exists() else check_chapter(chapter)
+                except BookError as error:
+                    problems = [str(error)]
                 failures += bool(problems)
                 print(f"{'ok  ' if not problems else 'FAIL'} {chapter.relative_to(root)}")
                 for problem in problems:

@@ -249,6 +249,8 @@ def test_run_reports_the_failing_cell_and_keeps_what_ran(tmp_path, capsys):
 def test_gpu_profiles_run_beside_the_committed_outputs(tmp_path):
     nb = notebook(code(PARAMETERS, tags=["parameters"]), code("print(SMOKE)"))
     root = make_book(tmp_path / "book", {"00_ok": nb})
+    # the real colab profile also sets chapter 5's sizes, which this one-chapter book does not have
+    (root / "profiles" / "colab.yaml").write_text("BACKEND: sd-v1-4\nDEVICE: cuda\n")
     assert book.run_book(root, "colab", build=False, progress=False) == 0
     executed = nbformat.read(root / "_build" / "colab" / "chapters" / "00_ok.ipynb", as_version=4)
     assert 'DEVICE = "cuda"' in executed.cells[1].source  # the colab profile's parameters were injected there
