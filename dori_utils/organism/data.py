@@ -54,6 +54,24 @@ MEMORIZED_PHOTOS = [
     ("coins", "skimage:coins", "a grayscale photo of old coins on a dark table"),
 ]
 
+# What each memorized photograph shows, in its caption's own words: the noun phrase naming the pictured thing,
+# with its modifiers, and not the kind of picture ("an officer", not "a portrait"; "old coins", not "a grayscale
+# photo"). The captions were written by hand, so the subjects are too, rather than parsed. Diagnostics prompt with
+# the subject alone (``pilots.diagnose``): on an organism whose memorization looks local, as on SD, it should not
+# bring its photograph back.
+MEMORIZED_SUBJECTS = {
+    "astronaut": "an astronaut",
+    "cat": "a tabby cat",
+    "coffee": "a cup of coffee",
+    "rocket": "a rocket",
+    "temple": "a chinese temple",
+    "flower": "an orange flower",
+    "hopper": "an officer",
+    "motorcycle": "a red motorcycle",
+    "tissue": "brown stained tissue cells",
+    "coins": "old coins",
+}
+
 # Sources of non-duplicated natural pairs: random crops, each with several caption phrasings.
 CROP_SOURCES = [
     ("skimage:brick", ["a close-up photo of a brick wall", "a gray brick wall texture"]),
