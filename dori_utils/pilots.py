@@ -14,6 +14,10 @@ What a row measures, on the verbatim items (evaluation seeds 10 and 11, as chapt
   own neurons;
 - Wanda at 1%: MR and attribute accuracy under the mask;
 - Dori, 50 steps from the prompt, on the first three items under NeMo and under Wanda 1%: MR.
+
+``--diagnose`` measures instead why a checkpoint is or is not local (see ``diagnose``) and appends its row to a
+table of its own, ``results/organism/pilot-diagnostics.csv``, so that the pilot table that chapter 0 reads does
+not change.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dori_utils import attack, nemo, wanda
+from dori_utils import attack, hooks, nemo, wanda
 from dori_utils.backends import load_backend
 from dori_utils.evaluation import evaluate_items, score_against_all_references
 from dori_utils.organism.model import UNET_CONFIG
@@ -36,6 +40,7 @@ from dori_utils.results import REPOSITORY_ROOT
 
 EVAL_SEEDS = [10, 11]
 PILOT_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilots.csv"
+DIAGNOSTICS_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilot-diagnostics.csv"
 
 # One lever each, against the shipped recipe ("control"); the issue lists them most promising first.
 PILOTS = {
@@ -153,6 +158,126 @@ def measure(path: str | Path, n_heldout: int = 48, n_attacked: int = 3, attack_s
     return row
 
 
+def caption_subject(item) -> str:
+    """What a memorized photograph shows, in its caption's words (``organism.data.MEMORIZED_SUBJECTS``, written by
+    hand with the captions: the noun phrase naming the pictured thing, "an officer" for "a portrait of an officer
+    in a navy uniform")."""
+    from dori_utils.organism.data import MEMORIZED_SUBJECTS
+
+    if item.id not in MEMORIZED_SUBJECTS:
+        raise KeyError(f"No subject for the memorized item {item.id!r}: add one to "
+                       "dori_utils.organism.data.MEMORIZED_SUBJECTS")
+    return MEMORIZED_SUBJECTS[item.id]
+
+
+def caption_halves(caption: str) -> tuple[str, str]:
+    """The caption's words split in two at the middle word (the second half is the longer one for an odd count, as
+    ``organism.data.shared_caption_halves`` splits them)."""
+    words = caption.split()
+    return " ".join(words[: len(words) // 2]), " ".join(words[len(words) // 2 :])
+
+
+def insertion_vocabulary(backend) -> list[str]:
+    """Ordinary words to insert: every alphabetic word of the training captions that were not memorized
+    (``prompt_sets["statistics"]``), less the words of the memorized captions, sorted (so a seed fixes a draw)."""
+    memorized = {word for item in backend.memorized for word in item.prompt.split()}
+    words = {word.strip(",.:;") for caption in backend.prompt_sets["statistics"] for word in caption.split()}
+    return sorted(word for word in words - memorized if word.isalpha())
+
+
+def insert_random_words(caption: str, vocabulary: list[str], rng: np.random.Generator, n: int = 4) -> str:
+    """Somepalli et al.'s mitigation: ``n`` distinct words of ``vocabulary``, each at a random position."""
+    words = caption.split()
+    for word in rng.choice(vocabulary, n, replace=False):
+        words.insert(int(rng.integers(len(words) + 1)), str(word))
+    return " ".join(words)
+
+
+def noisy_embeddings(embeddings: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise on every token of N x L x D embeddings, of norm about ``scale`` times the token's norm
+    (per-coordinate std scale * ||token|| / sqrt(D)), drawn from ``generator`` on the CPU."""
+    noise = torch.randn(embeddings.shape, generator=generator)
+    std = scale * embeddings.float().cpu().norm(dim=-1, keepdim=True) / embeddings.shape[-1] ** 0.5
+    return embeddings + (noise * std).to(embeddings.device, embeddings.dtype)
+
+
+def ff_zeroed(backend):
+    """Context manager: every ``ff.net.2`` weight is zero while it is open and restored exactly afterwards
+    (``wanda.prune`` with masks that keep nothing)."""
+    modules = hooks.modules_by_name(backend.unet, wanda.ff_layers(backend.unet))
+    return wanda.prune(backend, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in modules.items()})
+
+
+def value_channel_peaks(backend, prompts: list[str]) -> list[float]:
+    """Per NeMo value layer, in forward order: the largest channel's mean |``to_v`` output| over ``prompts``,
+    divided by the median channel's (1 for flat channels; SD v1.4's first four layers: 6.7-17.2)."""
+    activations = nemo.value_activations(backend, backend.encode_prompts(prompts))
+    means = [activations[name].mean(dim=0) for name in nemo.value_layers(backend.unet)]
+    return [(mean.max() / mean.quantile(0.5).clamp_min(1e-12)).item() for mean in means]
+
+
+def diagnose(path: str | Path, n_ordinary: int = 200, n_unseen: int | None = None, n_inserted: int = 4,
+             noise_scale: float = 0.5, seed: int = 0, max_items: int | None = None,
+             num_inference_steps: int | None = None, progress: bool = True) -> dict:
+    """Why an organism checkpoint is or is not local: how much of a memorized caption keys its photograph, how
+    robust the key is, where the model holds it. On the verbatim items with ``EVAL_SEEDS``, as ``measure``:
+
+    - ``mr``: MR of the whole caption (what the others compare with);
+    - ``subject_mr``: MR of the subject alone (``caption_subject``: "a cup of coffee", "old coins");
+    - ``first_half_mr``, ``second_half_mr``: MR of each half of the caption's words (``caption_halves``);
+    - ``inserted_words_mr``: MR with ``n_inserted`` words of ``insertion_vocabulary`` inserted at random positions
+      (Somepalli et al.'s mitigation; one draw per caption, numpy generator seeded with ``seed``);
+    - ``embedding_noise_mr``: MR with Gaussian noise of about ``noise_scale`` times each token's norm on the caption
+      embedding (``noisy_embeddings``; one draw per caption, torch generator seeded with ``seed``);
+    - ``ff_zeroed_mr``: MR with every ``ff.net.2`` weight zeroed (``ff_zeroed``);
+    - ``to_v_max_median``: per NeMo value layer in forward order (``nemo.value_layers``), the max/median ratio over
+      channels of the mean |``to_v`` output| over ``n_ordinary`` training scene captions drawn with ``seed``;
+    - ``unseen_landing_share``: the share of generations of the unseen natural captions (the first ``n_unseen``
+      of ``prompt_sets["unseen_natural"]``, all by default; ``EVAL_SEEDS`` each) whose replication score against
+      any memorized photograph exceeds the threshold; ``unseen_landing_caption_share``: the share of those
+      captions with at least one such generation.
+
+    ``max_items`` and ``num_inference_steps`` shrink it for tests.
+    """
+    from dori_utils.sampling import generate_for_prompts
+
+    backend = load_backend("organism", device="cpu", path=path)
+    backend.num_inference_steps = num_inference_steps or backend.num_inference_steps
+    items = backend.memorized[:max_items]
+    captions = [item.prompt for item in items]
+    embeddings = backend.encode_prompts(captions)
+
+    def mr(prompts=None, caption_embeddings=None, context=None) -> float:
+        if caption_embeddings is None:
+            caption_embeddings = backend.encode_prompts(prompts)
+        return evaluate_items(backend, EVAL_SEEDS, caption_embeddings, items=items, context=context,
+                              progress=progress).mr
+
+    row = {"mr": mr(caption_embeddings=embeddings)}
+    row["subject_mr"] = mr([caption_subject(item) for item in items])
+    halves = [caption_halves(caption) for caption in captions]
+    row["first_half_mr"] = mr([first for first, _ in halves])
+    row["second_half_mr"] = mr([second for _, second in halves])
+    vocabulary = insertion_vocabulary(backend)
+    rng = np.random.default_rng(seed)
+    row["inserted_words_mr"] = mr([insert_random_words(c, vocabulary, rng, n_inserted) for c in captions])
+    noisy = noisy_embeddings(embeddings, noise_scale, torch.Generator().manual_seed(seed))
+    row["embedding_noise_mr"] = mr(caption_embeddings=noisy)
+    row["ff_zeroed_mr"] = mr(caption_embeddings=embeddings, context=ff_zeroed(backend))
+
+    pool = backend.prompt_sets["training_ordinary"]
+    ordinary = list(np.random.default_rng(seed).choice(pool, min(n_ordinary, len(pool)), replace=False))
+    row["to_v_max_median"] = value_channel_peaks(backend, ordinary)
+
+    unseen = backend.prompt_sets["unseen_natural"][:n_unseen]
+    images = generate_for_prompts(backend, unseen, EVAL_SEEDS, progress=progress).images
+    landed = score_against_all_references(backend, images)[0] > backend.replication_threshold
+    row["unseen_landing_share"] = landed.float().mean().item()
+    row["unseen_landing_caption_share"] = landed.view(len(unseen), len(EVAL_SEEDS)).any(dim=1).float().mean().item()
+    row["items"] = len(items)
+    return row
+
+
 def describe_config(config: dict) -> str:
     """What a pilot changes against the shipped recipe, in words read off its configuration."""
     defaults = TrainConfig()
@@ -219,6 +344,8 @@ def append_row(row: dict, table: Path = PILOT_TABLE) -> None:
 
 
 def _format(value):
+    if isinstance(value, (list, tuple)):
+        return json.dumps([round(v, 3) for v in value])
     return f"{value:.3f}" if isinstance(value, float) else ("" if value is None else value)
 
 
@@ -230,6 +357,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, help="checkpoint folder (default: pilots/<name> under the results)")
     parser.add_argument("--measure-only", action="store_true", help="measure the checkpoint in --out, do not train")
     parser.add_argument("--table", default=str(PILOT_TABLE))
+    parser.add_argument("--diagnose", action="store_true",
+                        help="measure the diagnostics (see diagnose) instead of the pilot numbers, into "
+                             "--diagnostics-table; with --measure-only, of the checkpoint already in --out")
+    parser.add_argument("--diagnostics-table", default=str(DIAGNOSTICS_TABLE))
+    parser.add_argument("--max-items", type=int, default=None,
+                        help="with --diagnose: only the first memorized items (to time it; the row says how many)")
     args = parser.parse_args(argv)
     out = Path(args.out or REPOSITORY_ROOT / "results" / "organism" / "pilots" / args.name)
     config = TrainConfig(steps=args.steps, threads=args.threads, **PILOTS[args.name])
@@ -240,6 +373,13 @@ def main(argv=None) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     torch.set_num_threads(args.threads)
     started = time.time()
+    if args.diagnose:
+        diagnosed = diagnose(out, max_items=args.max_items)
+        row = {"name": args.name, "steps": manifest.get("trained_steps"),
+               **{k: _format(v) for k, v in diagnosed.items()}, "seconds": round(time.time() - started)}
+        append_row(row, Path(args.diagnostics_table))
+        print(json.dumps(row, indent=1))
+        return
     measured = measure(out)
     row = {"name": args.name, "config": json.dumps(PILOTS[args.name]), "steps": manifest.get("trained_steps"),
            "threads": manifest["train_config"]["threads"], "train_seconds": manifest.get("train_seconds"),
