@@ -178,10 +178,14 @@ def caption_halves(caption: str) -> tuple[str, str]:
 
 
 def insertion_vocabulary(backend) -> list[str]:
-    """Ordinary words to insert: every alphabetic word of the training captions that were not memorized
-    (``prompt_sets["statistics"]``), less the words of the memorized captions, sorted (so a seed fixes a draw)."""
+    """Ordinary words to insert: every alphabetic word of the training scene captions (``prompt_sets
+    ["training_ordinary"]``), less the words of the memorized captions, sorted (so a seed fixes a draw). On the
+    organism: 12 words of colour, shape, relation and background. The natural captions' words are left out: many
+    of them key a photograph of their own ("moon", "galaxies"), and inserting those pulled generations to it.
+
+    The organism's text encoder reads 16 tokens: 4 inserted words push the end of the longer captions out."""
     memorized = {word for item in backend.memorized for word in item.prompt.split()}
-    words = {word.strip(",.:;") for caption in backend.prompt_sets["statistics"] for word in caption.split()}
+    words = {word.strip(",.:;") for caption in backend.prompt_sets["training_ordinary"] for word in caption.split()}
     return sorted(word for word in words - memorized if word.isalpha())
 
 
