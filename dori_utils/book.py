@@ -36,10 +36,12 @@ Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
 8. Keep progress bars out of executed chapters (``progress=False``): with ipywidgets installed, a ``tqdm.auto``
    bar is stored as a widget with a random id plus widget state in the notebook's metadata, and renders as
    "0%" text where the widget JavaScript cannot load.
-9. A chapter reads as a text: outside the setup, ``parameters`` and solution cells no code cell is longer than
-   ``MAX_CELL_LINES`` lines. Figures, tables and experiments live in ``dori_utils``; the measured numbers in the
-   prose are glued from the outputs (``log.glue()``, ``paper.glue_numbers()``; quoted as
-   ``{glue:text}`key:.2f```), the paper's numbers come from ``dori_utils.paper``.
+9. A chapter reads as a text: outside the setup, ``parameters``, solution and measured-text cells no code cell is
+   longer than ``MAX_CELL_LINES`` lines. Figures, tables and experiments live in ``dori_utils``. Prose that quotes
+   measured numbers is a measured-text cell (tags ``remove-input`` and ``measured-text``): a code cell
+   ``results.show_text(r'''... {{key:.2f}} ...''')`` whose Markdown output holds the numbers of the run, glued
+   before it (``log.glue()``, ``paper.glue_numbers()``), so that they show wherever the notebook is opened (the
+   book, Jupyter, Colab, GitHub, student copies); the paper's numbers come from ``dori_utils.paper``.
 10. A chapter never tests the backend's name: what differs between models is a capability of the backend
     (``backend.utility``, ``backend.never_seen_items()``, ...) or a parameter that a profile overrides.
 """
@@ -67,6 +69,7 @@ VOLATILE_CELL_KEYS = ("papermill", "execution")
 INJECTED_TAG = "injected-parameters"
 ERROR_MARKER_TAG = "papermill-error-cell-tag"
 SOLUTION_TAG = "solution"
+MEASURED_TEXT_TAG = "measured-text"
 SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
 SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
 REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE", "BACKEND_OPTIONS")
@@ -557,7 +560,7 @@ def student_copy(nb):
             cell = placeholder
         tags = [t for t in cell.metadata.get("tags", []) if t not in (SOLUTION_TAG, "hide-cell")]
         cell.metadata = {"tags": tags} if tags else {}
-        if cell.cell_type == "code":
+        if cell.cell_type == "code" and MEASURED_TEXT_TAG not in tags:  # students read the text, numbers included
             cell.outputs, cell.execution_count = [], None
         cells.append(cell)
     nb.cells = cells
@@ -679,7 +682,8 @@ def check_chapter(path: Path) -> list[str]:
         if cell.cell_type == "code" and not {"hide-cell", "hide-input"} & set(cell.metadata.get("tags", [])):
             problems.append("a solution code cell is not tagged 'hide-cell' (it would show in the book)")
     for index, cell in enumerate(nb.cells):
-        exempt = cell is code[0] or {"parameters", INJECTED_TAG} & set(cell.metadata.get("tags", [])) or is_solution(cell)
+        exempt = (cell is code[0] or {"parameters", INJECTED_TAG, MEASURED_TEXT_TAG} & set(cell.metadata.get("tags", []))
+                  or is_solution(cell))
         if cell.cell_type == "code" and not exempt:
             lines = len(cell.source.strip().splitlines())
             if lines > MAX_CELL_LINES:
@@ -688,6 +692,9 @@ def check_chapter(path: Path) -> list[str]:
             if NAME_TEST.search(cell.source):
                 problems.append(f"code cell {index} tests the backend's name: use a capability of the backend or a "
                                 "parameter that a profile overrides")
+        if cell.cell_type == "markdown" and "{glue" in cell.source:
+            problems.append(f"markdown cell {index} quotes glued numbers, which show only in the built book: make it "
+                            "a measured-text cell (results.show_text)")
         if INJECTED_TAG in cell.metadata.get("tags", []):
             problems.append(f"cell {index} holds injected parameters from a profile run (rerun with --profile organism)")
         if any(o.get("output_type") == "error" for o in cell.get("outputs", [])) and \

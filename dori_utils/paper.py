@@ -132,7 +132,7 @@ def beside_paper(ours: dict, settings: list[str], sources: dict[str, str] | None
 
 
 def glue_numbers() -> list[str]:
-    """Glue every paper number under ``paper.<key>`` for the chapters' prose (``{glue:text}`paper.nemo_dori.mr:.2f```)."""
+    """Glue every paper number under ``paper.<key>`` for the chapters' measured text (``{{paper.nemo_dori.mr:.2f}}``)."""
     return glue_named([(glue_key(["paper", *key.split(".")]), entry.value) for key, entry in NUMBERS.items()])
 
 

@@ -95,8 +95,10 @@ def read_results(name: str, backend_name: str, smoke: bool, required: tuple[str,
     return recorded
 
 
-# myst-nb reads glued values from outputs under this prefix, which Jupyter and Colab do not display.
-GLUE_PREFIX = "application/papermill.record/"
+# Every value glued in this kernel, by name: what the chapter's measured text quotes (``show_text``).
+GLUED: dict[str, object] = {}
+# ``{{name}}`` or ``{{name:format spec}}`` in a chapter's measured text
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z0-9_.-]+)\s*(?::([^{}]*))?\}\}")
 
 
 def glue_key(path: list[str]) -> str:
@@ -117,24 +119,39 @@ def _scalars(value, path: list[str]):
 
 
 def glue_values(values: dict, prefix: str = "") -> list[str]:
-    """Glue every scalar in ``values`` (nested dicts and lists are walked) so that a chapter's Markdown can quote
-    it: ``{glue:text}`nemo_dori.mr:.2f``` (numbers take a format spec; strings ``:s``). Outside a notebook kernel
-    nothing is displayed; the names are returned either way."""
+    """Glue every scalar in ``values`` (nested dicts and lists are walked) so that the chapter's measured text can
+    quote it: ``{{nemo_dori.mr:.2f}}`` (numbers take a format spec; strings ``:s``). Returns the names."""
     return glue_named(list(_scalars(values, [prefix] if prefix else [])))
 
 
 def glue_named(named: list[tuple[str, object]]) -> list[str]:
     """Glue each (name, scalar) pair as it is named; see :func:`glue_values`."""
-    from IPython import get_ipython
-    from IPython.display import display
-
-    if get_ipython() is not None:
-        for name, value in named:
-            # a Python literal, which is what myst-nb's format spec is applied to
-            text = repr(float(value)) if isinstance(value, float) else repr(value)
-            display({GLUE_PREFIX + "text/plain": text}, raw=True,
-                    metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
+    GLUED.update(named)
     return [name for name, _ in named]
+
+
+def render_text(template: str, values: dict | None = None) -> str:
+    """``template`` with every ``{{name:spec}}`` replaced by ``format(values[name], spec)`` (default: the glued
+    values); a name nobody glued stops with the names that were."""
+    values = GLUED if values is None else values
+
+    def number(match: re.Match) -> str:
+        name, spec = match.group(1), match.group(2) or ""
+        if name not in values:
+            close = sorted(key for key in values if key.split(".")[0] == name.split(".")[0])[:10]
+            raise KeyError(f"The text quotes {{{{{name}}}}}, which this run did not glue (log.glue(), "
+                           f"paper.glue_numbers()); glued names like it: {close or 'none'}")
+        return format(values[name], spec)
+
+    return PLACEHOLDER.sub(number, template)
+
+
+def show_text(template: str) -> None:
+    """Display a chapter's measured text as Markdown, its numbers filled in from this run: the web book, Jupyter,
+    Colab, GitHub and the student copies all show the same numbers, which Markdown cells with glue roles did not."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(render_text(template)))
 
 
 def cache_path(cache_dir: str | Path, name: str, params: dict) -> Path:

@@ -317,3 +317,19 @@ def test_trim_page_cuts_at_the_blank_gap_before_a_pinned_footer(tmp_path):
     image.save(shot)
     book.trim_page(shot)
     assert Image.open(shot).size == (1280, 2500 + 40)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_measured_text_shows_numbers_wherever_the_notebook_is_opened(chapter):
+    """nbconvert alone (what Jupyter, Colab and GitHub show) and the student copy: numbers, no glue roles."""
+    from nbconvert import MarkdownExporter
+
+    executed = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    for nb in (executed, book.student_copy(nbformat.from_dict(json.loads(json.dumps(executed))))):
+        text, _ = MarkdownExporter().from_notebook_node(nb)
+        assert "{glue" not in text
+        cells = [c for c in nb.cells if book.MEASURED_TEXT_TAG in c.metadata.get("tags", [])]
+        assert cells, "the chapter has no measured text"
+        shown = ["".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs) for cell in cells]
+        assert all(text and "{{" not in text for text in shown), "a measured-text cell has no output or an unfilled name"
+        assert re.search(r"\d\.\d\d", "".join(shown)), "no measured number in the chapter's text"

@@ -49,3 +49,12 @@ def test_shared_config_applies_smoke_sizes_then_overrides():
     assert (smoke.n_random, smoke.n_statistics, smoke.eval_seeds) == (3, experiments.SMOKE_SIZES["n_statistics"], (5, 6))
     with pytest.raises(ValueError, match="n_randoms"):
         experiments.shared_config(overrides={"n_randoms": 3})
+
+
+def test_measured_text_fills_in_glued_numbers_and_names_a_missing_one():
+    results.glue_values({"NeMo + Dori": {"mr": 0.5}, "item": "cat", "n": 3})
+    assert results.render_text("MR {{nemo_dori.mr:.2f}} on the {{item:s}}, {{n:d}} items, {{n}}") == \
+        "MR 0.50 on the cat, 3 items, 3"
+    with pytest.raises(KeyError, match=r"\{\{nemo_dori.score\}\}.*nemo_dori.mr"):
+        results.render_text("{{nemo_dori.score:.2f}}")
+    assert results.render_text("no numbers, {braces} and $\\{x\\}$ stay") == "no numbers, {braces} and $\\{x\\}$ stay"
