@@ -74,6 +74,7 @@ SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
 SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
 REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE", "BACKEND_OPTIONS")
 MAX_CELL_LINES = 12
+NBVAL_CHECK = "# NBVAL_CHECK_OUTPUT"
 # `backend.name == ...`, `BACKEND != ...`, `if BACKEND in (...)`: a model's name used as a switch
 NAME_TEST = re.compile(r"(backend\.name|\bBACKEND)\s*(==|!=|\bin\b|\bnot in\b)|(==|!=)\s*(backend\.name|BACKEND)\b")
 BOOK_DIRS_TO_STAGE = ("_static", "images", "figures")
@@ -300,11 +301,15 @@ def gpu_warning(parameters: dict) -> str | None:
 # --------------------------------------------------------------------------------------------- notebooks
 
 def strip_volatile(nb):
-    """Drop papermill's metadata and per-cell timestamps; keep outputs, execution counts and tags."""
+    """Drop papermill's metadata, per-cell timestamps and what went to stderr (progress bars, library warnings,
+    which can name this machine's paths) outside the cells nbval checks; keep the other outputs, execution counts
+    and tags."""
     nb.metadata.pop("papermill", None)
     for cell in nb.cells:
         for key in VOLATILE_CELL_KEYS:
             cell.metadata.pop(key, None)
+        if cell.cell_type == "code" and NBVAL_CHECK not in cell.source:
+            cell.outputs = [o for o in cell.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
         if cell.metadata.get("tags") == []:  # papermill adds empty tag lists
             del cell.metadata["tags"]
     return nb

@@ -159,6 +159,15 @@ def test_strip_volatile_keeps_outputs_and_counts():
     assert nb.cells[0].outputs == [stream] and nb.cells[0].execution_count == 1
 
 
+def test_strip_volatile_drops_stderr_outside_the_checked_cells():
+    out = nbformat.v4.new_output("stream", name="stdout", text="MR 1.00\n")
+    bar = nbformat.v4.new_output("stream", name="stderr", text="sampling: 100%|##| 4/4 [/home/me/x.py]\n")
+    nb = book.strip_volatile(notebook(code("run()", outputs=[out, bar]),
+                                      code("# NBVAL_CHECK_OUTPUT\nrun()", outputs=[out, bar])))
+    assert nb.cells[0].outputs == [out]  # progress bars and warnings (with machine paths) are not stored
+    assert nb.cells[1].outputs == [out, bar]  # what nbval compares stays as it ran
+
+
 def test_student_copy_removes_solutions_and_outputs(tmp_path):
     stream = nbformat.v4.new_output("stream", name="stdout", text="42\n")
     nb = notebook(
