@@ -57,11 +57,12 @@ def make_book(root: Path, chapters: dict[str, nbformat.NotebookNode]) -> Path:
 
 # --------------------------------------------------------------------------------------------- the repository
 
-def test_repository_toc_lists_the_six_chapters_then_the_course():
+def test_repository_toc_lists_the_six_chapters_then_the_course_and_the_reference_pages():
     pages = [p.relative_to(ROOT).with_suffix("").as_posix() for p in book.toc_pages(ROOT)]
     assert pages[0] == "intro"
     assert pages[1:7] == [f"chapters/{c}" for c in CHAPTERS]
-    assert all(p.startswith("course/") for p in pages[7:]) and pages[7:]
+    assert all(p.startswith("course/") for p in pages[7:-2]) and pages[7:-2]
+    assert pages[-2:] == ["glossary", "references"]
     assert [c.name for c in book.toc_chapters(ROOT)] == [f"{c}.ipynb" for c in CHAPTERS]
     for page in book.toc_pages(ROOT):
         assert page.suffix == ".ipynb" or page.exists(), page
