@@ -72,6 +72,9 @@ SOLUTION_TAG = "solution"
 MEASURED_TEXT_TAG = "measured-text"
 SOLUTION_PLACEHOLDER_CODE = "# Your solution here"
 SOLUTION_PLACEHOLDER_MARKDOWN = "*Your answer here.*"
+# "### Exercise 2" above a solution, or its own label "Solution to exercise 2", numbers its answer cell
+EXERCISE_HEADING = re.compile(r"^#+ Exercise (\d+)", re.MULTILINE)
+SOLUTION_LABEL = re.compile(r"Solution to exercise (\d+)", re.IGNORECASE)
 REQUIRED_PARAMETERS = ("BACKEND", "DEVICE", "SMOKE", "BACKEND_OPTIONS")
 MAX_CELL_LINES = 12
 NBVAL_CHECK = "# NBVAL_CHECK_OUTPUT"
@@ -555,11 +558,21 @@ def student_copy(nb):
     import nbformat
 
     nb = drop_marker_cells(nb)
-    cells = []
+    cells, exercise, answered = [], None, set()
     for cell in nb.cells:
+        heading = EXERCISE_HEADING.search(cell.source) if cell.cell_type == "markdown" else None
+        if heading:
+            exercise = heading.group(1)
         if is_solution(cell):
-            placeholder = (nbformat.v4.new_code_cell(SOLUTION_PLACEHOLDER_CODE) if cell.cell_type == "code"
-                           else nbformat.v4.new_markdown_cell(SOLUTION_PLACEHOLDER_MARKDOWN))
+            label = SOLUTION_LABEL.search(cell.source)
+            number = label.group(1) if label else exercise
+            if number is not None and number in answered:
+                continue  # one answer cell per exercise
+            answered.add(number)
+            code = (f"# Exercise {number}: your solution here" if number else SOLUTION_PLACEHOLDER_CODE)
+            text = (f"*Your answer to exercise {number} here.*" if number else SOLUTION_PLACEHOLDER_MARKDOWN)
+            placeholder = (nbformat.v4.new_code_cell(code) if cell.cell_type == "code"
+                           else nbformat.v4.new_markdown_cell(text))
             if "id" in cell:
                 placeholder.id = cell.id  # same ids on every run: student copies diff cleanly
             cell = placeholder

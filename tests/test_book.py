@@ -186,11 +186,10 @@ def test_student_copy_removes_solutions_and_outputs(tmp_path):
     copy = nbformat.read(written[0], as_version=4)
     nbformat.validate(copy)
     sources = [c.source for c in copy.cells]
-    assert sources == ["## Exercise 1\nCompute the answer.", "# Your solution here", "# Your solution here",
-                       "*Your answer here.*", PARAMETERS]
+    assert sources == ["## Exercise 1\nCompute the answer.", "# Exercise 1: your solution here", PARAMETERS]
     assert copy.cells[1].id == nb.cells[1].id  # stable ids: copies diff cleanly
     assert all(c.outputs == [] and c.execution_count is None for c in copy.cells if c.cell_type == "code")
-    assert copy.cells[4].metadata == {"tags": ["parameters"]}
+    assert copy.cells[2].metadata == {"tags": ["parameters"]}
     assert set(copy.metadata) <= {"kernelspec", "language_info"}
     assert "answer = 6 * 7" not in written[0].read_text()
 
@@ -343,3 +342,29 @@ def test_measured_text_shows_numbers_wherever_the_notebook_is_opened(chapter):
         shown = ["".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs) for cell in cells]
         assert all(text and "{{" not in text for text in shown), "a measured-text cell has no output or an unfilled name"
         assert re.search(r"\d\.\d\d", "".join(shown)), "no measured number in the chapter's text"
+
+
+def test_student_copy_numbers_one_answer_cell_per_exercise():
+    nb = notebook(
+        markdown("### Exercise 1\nFirst."), code("# Solution to exercise 1\nx = 1", tags=["solution", "hide-cell"]),
+        markdown("### Exercise 2\nSecond."),
+        markdown("```{admonition} Solution to exercise 2\n:class: dropdown\nBecause.\n```", tags=["solution"]),
+        markdown("### Exercise 3\nThird."), code("y = 1", tags=["solution", "hide-cell"]),
+        code("z = 2", tags=["solution", "hide-cell"]))
+    sources = [c.source for c in book.student_copy(nb).cells]
+    assert sources == ["### Exercise 1\nFirst.", "# Exercise 1: your solution here", "### Exercise 2\nSecond.",
+                       "*Your answer to exercise 2 here.*", "### Exercise 3\nThird.", "# Exercise 3: your solution here"]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_exercise_has_its_solution_under_it(chapter):
+    nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    numbers = [int(m.group(1)) for c in nb.cells if c.cell_type == "markdown"
+               for m in [book.EXERCISE_HEADING.search(c.source)] if m]
+    assert numbers == list(range(1, len(numbers) + 1)) and numbers
+    for index, cell in enumerate(nb.cells):
+        heading = book.EXERCISE_HEADING.search(cell.source) if cell.cell_type == "markdown" else None
+        if heading:
+            following = nb.cells[index + 1]
+            assert book.is_solution(following), f"exercise {heading.group(1)} has no solution under it"
+            assert f"Solution to exercise {heading.group(1)}" in following.source
