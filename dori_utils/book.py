@@ -665,7 +665,7 @@ def setup_cell_source(root: Path) -> str:
     import yaml
 
     repository = (yaml.safe_load((root / "_config.yml").read_text()) or {}).get("repository", {})
-    url, branch = repository["url"].rstrip("/"), repository.get("branch", "main")
+    url, branch = repository_url(root), repository.get("branch", "main")
     folder = "/content/" + url.split("/")[-1]
     return f'''# Setup. On Colab: fetch the book and install its package (Colab's own torch is kept). Elsewhere: nothing.
 import os, subprocess, sys
@@ -679,13 +679,47 @@ if "google.colab" in sys.modules:
     print("GPU:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (Runtime > Change runtime type)")'''
 
 
-def check_chapter(path: Path) -> list[str]:
-    """Problems with a chapter's conventions (see the module docstring); an empty list when it follows them."""
+def repository_url(root: Path) -> str:
+    """The book's repository, as ``_config.yml`` sets it: the one place it is written by hand."""
+    import yaml
+
+    return (yaml.safe_load((root / "_config.yml").read_text()) or {})["repository"]["url"].rstrip("/")
+
+
+def set_repository(root: Path, url: str) -> list[Path]:
+    """Publish the book under ``url``: set it in ``_config.yml`` (launch buttons, repository button) and write the
+    setup cell that clones it into every chapter; returns the chapters rewritten."""
+    if not re.fullmatch(r"https://[^\s\"']+", url):
+        raise BookError(f"{url!r} is not an https URL of a git repository (e.g. https://github.com/you/finding-dori).")
+    config = root / "_config.yml"
+    text, count = re.subn(r"(?m)^(  url:\s*)\S+$", lambda m: m.group(1) + url.rstrip("/"), config.read_text(), count=1)
+    if count != 1:
+        raise BookError(f"{config} has no 'repository: url:' line to change.")
+    config.write_text(text)
+    import nbformat
+
+    source, written = setup_cell_source(root), []
+    for chapter in toc_chapters(root):
+        nb = read_notebook(chapter)
+        first = next((c for c in nb.cells if c.cell_type == "code"), None)
+        if first is not None and "google.colab" in first.source and first.source != source:
+            first.source = source
+            nbformat.write(nb, chapter)
+            written.append(chapter)
+    return written
+
+
+def check_chapter(path: Path, setup_cell: str | None = None) -> list[str]:
+    """Problems with a chapter's conventions (see the module docstring); an empty list when it follows them.
+    ``setup_cell``: the setup cell the book's configuration asks for (``setup_cell_source``)."""
     nb = read_notebook(path)
     problems = []
     code = [c for c in nb.cells if c.cell_type == "code"]
     if not code or "google.colab" not in code[0].source:
         problems.append("the first code cell is not the guarded Colab setup cell (`dori-book setup-cell`)")
+    elif setup_cell is not None and code[0].source != setup_cell:
+        problems.append("the setup cell differs from the one _config.yml's repository asks for: run "
+                        "`dori-book set-repository URL` (the URL in _config.yml)")
     parameters = [c for c in code if "parameters" in c.metadata.get("tags", [])]
     if len(parameters) != 1:
         problems.append(f"needs exactly one cell tagged 'parameters' (found {len(parameters)})")
@@ -746,6 +780,9 @@ def build_parser() -> argparse.ArgumentParser:
     shots.add_argument("--chromium", help="browser binary (default /usr/bin/chromium or $CHROMIUM)")
     commands.add_parser("check", help="check that the chapters follow the book's conventions")
     commands.add_parser("setup-cell", help="print the guarded Colab setup cell that opens every chapter")
+    publish = commands.add_parser("set-repository", help="publish under another repository: set its URL in "
+                                  "_config.yml and in every chapter's setup cell")
+    publish.add_argument("url", help="https URL of the repository, e.g. https://github.com/you/finding-dori")
     return parser
 
 
@@ -782,7 +819,8 @@ def main(argv: list[str] | None = None) -> int:
             failures = 0
             for chapter in toc_chapters(root):
                 try:
-                    problems = ["missing"] if not chapter.exists() else check_chapter(chapter)
+                    problems = (["missing"] if not chapter.exists()
+                                else check_chapter(chapter, setup_cell_source(root)))
                 except BookError as error:
                     problems = [str(error)]
                 failures += bool(problems)
@@ -792,6 +830,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if failures else 0
         if args.command == "setup-cell":
             print(setup_cell_source(root))
+            return 0
+        if args.command == "set-repository":
+            written = set_repository(root, args.url)
+            print(f"_config.yml and {len(written)} chapter setup cell(s) now name {args.url}")
             return 0
     except BookError as error:
         print(f"dori-book: {error}", file=sys.stderr)

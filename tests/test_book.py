@@ -72,14 +72,13 @@ def test_config_renders_stored_outputs_and_launches_colab():
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     assert config["execute"]["execute_notebooks"] == "off"  # quoted: a bare off would be False
     assert config["only_build_toc_files"] is True
-    assert config["repository"] == {"url": "https://github.com/dori-book/finding-dori", "path_to_book": "",
-                                    "branch": "main"}
+    assert config["repository"]["url"].startswith("https://") and config["repository"]["branch"] == "main"
     assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
     assert config["launch_buttons"]["binderhub_url"] == "https://mybinder.org"
     for pattern in ("_build", "student", "results", "benchmarks", ".ci", "tests", "README.md"):
         assert pattern in config["exclude_patterns"]
-    # The URL lives in _config.yml only; the setup cell reads it from there.
-    assert "https://github.com/dori-book/finding-dori" in book.setup_cell_source(ROOT)
+    # The URL is set in _config.yml; the setup cell is generated from it.
+    assert config["repository"]["url"] in book.setup_cell_source(ROOT)
 
 
 def test_profiles():
@@ -284,7 +283,8 @@ def test_chapter_follows_the_conventions(chapter):
     path = ROOT / "chapters" / f"{chapter}.ipynb"
     if not path.exists():
         pytest.skip(f"{path.name} is not written yet")
-    assert book.check_chapter(path) == [], "see the conventions at the top of dori_utils/book.py"
+    assert book.check_chapter(path, book.setup_cell_source(ROOT)) == [], \
+        "see the conventions at the top of dori_utils/book.py"
 
 
 # --------------------------------------------------------------------------------------------- the built book
@@ -368,3 +368,17 @@ def test_every_exercise_has_its_solution_under_it(chapter):
             following = nb.cells[index + 1]
             assert book.is_solution(following), f"exercise {heading.group(1)} has no solution under it"
             assert f"Solution to exercise {heading.group(1)}" in following.source
+
+
+def test_set_repository_rewrites_the_config_and_every_setup_cell(tmp_path, capsys):
+    root = make_book(tmp_path / "book", {"00_ok": notebook(code(book.setup_cell_source(ROOT), tags=["hide-input"]),
+                                                          code(PARAMETERS, tags=["parameters"]))})
+    assert book.main(["--root", str(root), "set-repository", "https://github.com/someone/dori-fork"]) == 0
+    assert book.repository_url(root) == "https://github.com/someone/dori-fork"
+    assert "# The repository URL lives here only" in (root / "_config.yml").read_text()  # comments kept
+    setup = nbformat.read(root / "chapters" / "00_ok.ipynb", as_version=4).cells[0].source
+    assert setup == book.setup_cell_source(root) and "someone/dori-fork" in setup
+    stale = book.setup_cell_source(ROOT)
+    assert "differs from the one _config.yml" in " ".join(
+        book.check_chapter(root / "chapters" / "00_ok.ipynb", stale))
+    assert book.main(["--root", str(root), "set-repository", "not a url"]) == 1
