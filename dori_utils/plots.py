@@ -9,6 +9,12 @@ import torch
 
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 plt.rcParams["axes.prop_cycle"] = plt.cycler(color=OKABE_ITO)
+# The book shows a figure at most a column wide (about 750 px at a 1280 px window) and Jupyter at its own size:
+# 150 dpi keeps it sharp, and type of 10 pt or more on figures of at most 8 inches keeps every label at 9 px or
+# more in the book.
+plt.rcParams.update({"figure.dpi": 150, "savefig.dpi": 150, "font.size": 11, "axes.titlesize": 12,
+                     "axes.labelsize": 11, "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 10,
+                     "legend.frameon": False})
 
 
 def to_numpy_image(image) -> np.ndarray:
@@ -32,7 +38,7 @@ def horizontal_boxplot(ax, values: list, labels: list[str], **kwargs):
 
 
 def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels: list[str] | None = None,
-               title: str | None = None, cell: float = 1.3, captions: list[list[str]] | None = None):
+               title: str | None = None, cell: float = 1.5, captions: list[list[str]] | None = None):
     """A grid of images: ``rows[i][j]`` is shown at row i, column j, with labels and optional captions."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + 1.2, cell * n_rows + 0.4), squeeze=False)
@@ -45,13 +51,13 @@ def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels
             if j < len(row) and row[j] is not None:
                 ax.imshow(to_numpy_image(row[j]), interpolation="nearest")
             if captions and j < len(captions[i]) and captions[i][j]:
-                ax.set_xlabel(captions[i][j], fontsize=7)
+                ax.set_xlabel(captions[i][j], fontsize=10)
             if i == 0 and col_labels and j < len(col_labels):
-                ax.set_title(col_labels[j], fontsize=8)
+                ax.set_title(col_labels[j], fontsize=10)
             if j == 0 and row_labels:
-                ax.set_ylabel(row_labels[i], fontsize=8, rotation=0, ha="right", va="center")
+                ax.set_ylabel(row_labels[i], fontsize=10, rotation=0, ha="right", va="center")
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -64,10 +70,10 @@ def paired_bars(labels: list[str], ours: list[float], paper: list[float], ylabel
     ax.bar(x - 0.2, ours, 0.4, label=ours_label, color=OKABE_ITO[4])
     ax.bar(x + 0.2, [np.nan if p is None else p for p in paper], 0.4, label=paper_label, color=OKABE_ITO[0],
            hatch="//", edgecolor="white")
-    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=8)
+    ax.set_xticks(x, labels, rotation=20, ha="right", fontsize=10)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title(title, fontsize=12)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return fig
 
@@ -106,12 +112,12 @@ def training_curves(runs: dict, steps_per_epoch: int, window: int = 5):
         for epoch in range(1, len(runs[next(iter(runs))].history[key]) // steps_per_epoch):
             ax.axvline(epoch * steps_per_epoch, color="gray", ls=":", lw=0.8)
         ax.set_xlabel("update")
-        ax.set_title(label, fontsize=10)
-        ax.legend(fontsize=7, frameon=False)
+        ax.set_title(label, fontsize=12)
+        ax.legend()
     attack_loss = next((run.history["attack_loss"] for run in runs.values() if run.history.get("attack_loss")), [])
     axes[2].plot(range(1, len(attack_loss) + 1), attack_loss, "o-", color=OKABE_ITO[5])
     axes[2].set_xlabel("epoch")
-    axes[2].set_title("attack loss towards $x_{mem}$ (end of each epoch's attack)", fontsize=9)
+    axes[2].set_title("attack loss towards $x_{mem}$ (end of each epoch's attack)", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -125,13 +131,13 @@ def score_matrix(scores, row_labels: list[str], col_labels: list[str], threshold
         _, ax = plt.subplots(figsize=(0.5 * scores.shape[1] + 2.2, 0.42 * scores.shape[0] + 1.6))
     image = ax.imshow(scores, cmap="cividis", vmin=0, vmax=1)
     for (i, j), value in np.ndenumerate(scores):
-        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6,
+        ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=9,
                 color="black" if value > 0.55 else "white", fontweight="bold" if value > threshold else "normal")
-    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=7)
-    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=7)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(len(col_labels)), col_labels, rotation=45, ha="right", fontsize=10)
+    ax.set_yticks(range(len(row_labels)), row_labels, fontsize=10)
+    ax.set_xlabel(xlabel, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=10)
+    ax.set_title(title, fontsize=11)
     ax.figure.colorbar(image, ax=ax, shrink=0.8, label=f"replication score (bold: > {threshold})")
     return ax
 
@@ -159,8 +165,8 @@ def mr_by_attack_step(steps, ours: dict[str, list[float]], paper_steps, paper: d
     ax.set_xlabel("Dori attack steps")
     ax.set_ylabel("MR")
     ax.set_ylim(-0.05, 1.05)
-    ax.legend(fontsize=7, frameon=False)
-    ax.set_title("Replication recovered by the attack", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Replication recovered by the attack", fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -177,19 +183,31 @@ def attack_displacements(displacements: dict[str, "torch.Tensor"], between_promp
         ax.hist(distances.numpy(), bins, alpha=0.8, density=True, label=f"{label}: ||y_adv - y_0||", color=colour)
     ax.set_xlabel("L2 distance in embedding space")
     ax.set_ylabel("density")
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=1)
     fig.tight_layout()
     return fig
 
 
 # ----------------------------------------------------------------------------------------- chapters 2-4
 
+def _figure_legend(fig, axes) -> None:
+    """One legend under the panels, with every label any panel draws (once): none covers the data, and none
+    leaves out a marker that only another panel shows."""
+    handles = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    rows = (len(handles) + 1) // 2
+    fig.subplots_adjust(bottom=fig.subplotpars.bottom + 0.06 * rows)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 2))
+
+
 def trigger_map(projections: dict[str, np.ndarray], groups: dict[str, slice], n_triggers: int):
     """Two-dimensional maps of starts, triggers, memorized and ordinary prompts (one panel per projection), a
     thin line from each start to the trigger it became."""
     colours = {"start": OKABE_ITO[1], "trigger": OKABE_ITO[0], "memorized prompt": OKABE_ITO[5],
                "ordinary prompt": "#999999"}
-    fig, axes = plt.subplots(1, len(projections), figsize=(5.5 * len(projections), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(projections), figsize=(4 * len(projections), 4.4), squeeze=False)
     for ax, (method, xy) in zip(axes[0], projections.items()):
         for k in range(n_triggers):
             ax.plot([xy[k, 0], xy[n_triggers + k, 0]], [xy[k, 1], xy[n_triggers + k, 1]], color="#bbbbbb", lw=0.6,
@@ -197,12 +215,12 @@ def trigger_map(projections: dict[str, np.ndarray], groups: dict[str, slice], n_
         for name, part in groups.items():
             ax.scatter(xy[part, 0], xy[part, 1], s=10 if name == "ordinary prompt" else 22, color=colours[name],
                        label=name, marker="x" if name == "trigger" else "o", zorder=2)
-        ax.set_title({"umap": "UMAP", "tsne": "t-SNE"}.get(method, method), fontsize=10)
+        ax.set_title({"umap": "UMAP", "tsne": "t-SNE"}.get(method, method), fontsize=12)
         ax.set_xticks([]), ax.set_yticks([])
-    axes[0][0].legend(fontsize=7, frameon=False)
-    fig.suptitle("Triggers (crosses) stay next to their starts (blue), far from the memorized prompts (red)",
-                 fontsize=10)
+    fig.suptitle("Triggers (crosses) stay next to their starts (blue),\nfar from the memorized prompts (red)",
+                 fontsize=12)
     fig.tight_layout()
+    _figure_legend(fig, axes.flat)
     return fig
 
 
@@ -212,7 +230,7 @@ def distance_distributions(distances: dict[str, "torch.Tensor"]):
     horizontal_boxplot(ax, [d.numpy() for d in distances.values()], list(distances), widths=0.6)
     ax.tick_params(axis="y", labelsize=8)
     ax.set_xlabel("L2 distance in embedding space")
-    ax.set_title("Distances between triggers, starts and prompts", fontsize=10)
+    ax.set_title("Distances between triggers, starts and prompts", fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -224,7 +242,7 @@ _SETS = {"Y_adv": "Y_adv: triggers of one image", "Y_mem": "Y_mem: different mem
 def discrepancy_beside_paper(discrepancy: dict, paper_rows: dict):
     """Activation discrepancy per layer, Y_adv beside Y_mem: ours (left, one row per method) and the paper's
     (right, hatched: read from its plot). ``paper_rows[method] = (Y_adv values, Y_mem values)``."""
-    fig, axes = plt.subplots(len(discrepancy), 2, figsize=(11, 3 * len(discrepancy)), squeeze=False)
+    fig, axes = plt.subplots(len(discrepancy), 2, figsize=(8, 3.2 * len(discrepancy) + 0.6), squeeze=False)
     for row, (method, frame) in enumerate(discrepancy.items()):
         for ax, values, labels, source in (
                 (axes[row][0], (frame["Y_adv"], frame["Y_mem"]), list(frame.index), "organism (ours)"),
@@ -234,19 +252,21 @@ def discrepancy_beside_paper(discrepancy: dict, paper_rows: dict):
             hatch = {"hatch": "//", "edgecolor": "white"} if ax is axes[row][1] else {}
             ax.bar(x - 0.2, values[0], 0.4, color=OKABE_ITO[0], label=_SETS["Y_adv"], **hatch)
             ax.bar(x + 0.2, values[1], 0.4, color=OKABE_ITO[4], label=_SETS["Y_mem"], **hatch)
-            ax.set_xticks(x, labels, fontsize=7, rotation=15)
+            # sixteen layer numbers side by side would touch: every other one then
+            shown = labels if len(labels) <= 8 else [label if i % 2 == 0 else "" for i, label in enumerate(labels)]
+            ax.set_xticks(x, shown, fontsize=10, rotation=20, ha="right")
             ax.set_xlabel("layer")
             ax.set_ylabel("mean pairwise L2")
-            ax.set_title(f"{source}: {_METHOD_LAYERS[method]}", fontsize=9)
-    axes[0][0].legend(fontsize=7, frameon=False)
+            ax.set_title(f"{source}:\n{_METHOD_LAYERS[method]}", fontsize=11)
     fig.tight_layout()
+    _figure_legend(fig, axes.flat)
     return fig
 
 
 def selection_iou(iou_table, sparsity: float):
     """Mean pairwise IoU of the selected sets per layer, Y_adv beside Y_mem, one panel per method; bars where
     some pairs were both empty (IoU 1 by definition) say which share."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.8))
     titles = {"nemo": "NeMo (value neurons)", "wanda": f"Wanda {sparsity:.0%} (ff.net.2 weights)"}
     for ax, method in zip(axes, ("nemo", "wanda")):
         part = iou_table[iou_table.method == method]
@@ -256,13 +276,14 @@ def selection_iou(iou_table, sparsity: float):
             for bar, empty in zip(bars, sub["both empty"]):
                 if empty > 0:
                     ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height() + 0.02, f"{empty:.0%}\nempty",
-                            ha="center", fontsize=6)
+                            ha="center", fontsize=9)
         ax.set_ylim(0, 1.25)
+        ax.set_xticks(sorted(part.layer.unique()))  # layers are whole numbers
         ax.set_xlabel("layer")
         ax.set_ylabel("mean pairwise IoU")
-        ax.set_title(titles[method], fontsize=9)
-    axes[0].legend(fontsize=7, frameon=False)
+        ax.set_title(titles[method], fontsize=11)
     fig.tight_layout()
+    _figure_legend(fig, axes)
     return fig
 
 
@@ -298,8 +319,8 @@ def score_histograms(score_sets: dict, threshold: float, metric: str):
     ax.axvline(threshold, color="black", ls="--", label=f"threshold {threshold}")
     ax.set_xlabel(f"replication score ({metric.split(' (')[0]})")
     ax.set_ylabel("density")
-    ax.legend(fontsize=7, frameon=False)
-    ax.set_title("Replication scores", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("Replication scores", fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -317,25 +338,26 @@ def roc_curves(positive, negatives: dict, title: str):
     ax.plot([0, 1], [0, 1], color="gray", ls=":")
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, frameon=False)
+    ax.set_title(title, fontsize=12)
+    ax.legend()
     fig.tight_layout()
     return fig
 
 
 def per_step_auc(per_step: dict[str, list[float]], mean_auc: dict[str, float], bar: float = 0.95):
     """The AUC of each sampling step's score on its own, one line per control set (legend: the mean's AUC)."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for (label, values), colour, marker in zip(per_step.items(), (OKABE_ITO[4], OKABE_ITO[0], OKABE_ITO[2]), "os^"):
         steps = range(1, len(values) + 1)
         ax.plot(steps, values, marker=marker, color=colour, label=f"vs {label} (mean over steps: {mean_auc[label]:.2f})")
     ax.axhline(bar, color="gray", ls="--", lw=1)
     ax.set_xlabel("sampling step (1: pure noise)")
     ax.set_ylabel("AUC of this step's norm")
-    ax.set_ylim(0.4, 1.02)
+    lowest = min(min(values) for values in per_step.values())
+    ax.set_ylim(min(0.4, lowest - 0.05), 1.02)  # every curve stays in view, however low it falls
     ax.set_xticks(list(steps))
-    ax.legend(fontsize=7, frameon=False, loc="lower right")
-    ax.set_title("Wen's detector, step by step", fontsize=10)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22))
+    ax.set_title("Wen's detector, step by step", fontsize=12)
     fig.tight_layout()
     return fig
 
@@ -356,12 +378,12 @@ def pilot_map(table, mr_bar: float = 0.9, zorder_bar: float = 0.10, nemo_bar: fl
     ax.scatter(table["NeMo share (median)"], y, marker="s", color=OKABE_ITO[0], zorder=3,
                label="NeMo's selection: median")
     held = ["" if mr >= mr_bar else " (below the MR bar)" for mr in table["MR"]]
-    ax.set_yticks(y, [f"{i}: MR {mr:.1f}{h}" for i, mr, h in zip(table.index, table["MR"], held)], fontsize=8)
+    ax.set_yticks(y, [f"{i}: MR {mr:.1f}{h}" for i, mr, h in zip(table.index, table["MR"], held)], fontsize=10)
     ax.set_xlim(0, 1.02)
     ax.set_xlabel("share of NeMo's value neurons (first seed; no circle: no item replicates)")
     reached = ((table["MR"] >= mr_bar) & (table["z-order share (median)"] <= zorder_bar)
                & (table["NeMo share (median)"] <= nemo_bar)).sum()
     ax.set_title(f"Pilot organisms (numbered as in the table): {reached} of {n} meet the targets")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.tight_layout()
     return fig
