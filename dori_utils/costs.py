@@ -14,6 +14,7 @@ import sys
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -284,3 +285,26 @@ def replace_cost_table(text: str, table: str) -> str:
         raise ValueError(f"No {TABLE_START} ... {TABLE_END} markers in the page: add them where the table goes.")
     head, rest = text.split(TABLE_START, 1)
     return f"{head}{TABLE_START}\n{table}\n{TABLE_END}{rest.split(TABLE_END, 1)[1]}"
+
+
+def run_time_note(chapter: str, root: Path | None = None) -> str:
+    """A chapter's cost in one line for its opening: its time in the book's last full run on the organism
+    (``results/timings-organism.json``) and its estimated time on a Colab T4 (``colab`` profile,
+    ``benchmarks/results/chapter-costs.json``); each part says so when it was never measured."""
+    import json
+
+    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    timings = root / "results" / "timings-organism.json"
+    timed = json.loads(timings.read_text()) if timings.exists() else {}
+    run = next((r for r in timed.get("chapters", []) if Path(r["chapter"]).stem == chapter and r.get("status") == "ok"),
+               None)
+    cores = timed.get("machine", {}).get("cpu_count", "?")
+    organism = (f"{run['seconds'] / 60:.1f} minutes on the organism ({cores} CPU cores, the book's run of "
+                f"{run['finished'][:10]})" if run else "not yet timed on the organism")
+    record_path = root / "benchmarks" / "results" / "chapter-costs.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    estimate = record.get("profiles", {}).get("colab", {}).get(chapter, {}).get("estimates", {}).get("T4")
+    gpu = (f"about {estimate['hours']:.1f} h and {estimate['peak_gb']:.0f} GB on a Colab T4 with Stable Diffusion "
+           f"(`colab` profile; estimated{'' if estimate['fits'] else ', does not fit'})" if estimate
+           else "not yet estimated on a GPU")
+    return f"*Run time: {organism}; {gpu}.*"

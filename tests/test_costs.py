@@ -1,4 +1,6 @@
 """Counting the UNet and VAE calls of a run, and turning them into GPU estimates."""
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -145,3 +147,21 @@ def test_the_pages_show_the_committed_cost_table():
 def test_a_page_without_markers_is_a_clear_error():
     with pytest.raises(ValueError, match="chapter-costs:start"):
         costs.replace_cost_table("no table here", "| a |")
+
+
+def test_run_time_note_reads_the_timings_and_the_estimates(tmp_path):
+    (tmp_path / "results").mkdir()
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "results" / "timings-organism.json").write_text(json.dumps({
+        "machine": {"cpu_count": 2},
+        "chapters": [{"chapter": "chapters/01_x.ipynb", "status": "ok", "seconds": 90, "finished": "2026-12-07T10:00"},
+                     {"chapter": "chapters/02_y.ipynb", "status": "failed", "seconds": None, "finished": "2026"}]}))
+    (tmp_path / "benchmarks" / "results" / "chapter-costs.json").write_text(json.dumps(
+        {"profiles": {"colab": {"01_x": {"estimates": {"T4": {"hours": 0.74, "peak_gb": 5.2, "fits": True}}},
+                                "02_y": {"estimates": {"T4": {"hours": 3.0, "peak_gb": 21, "fits": False}}}}}}))
+    assert costs.run_time_note("01_x", tmp_path) == (
+        "*Run time: 1.5 minutes on the organism (2 CPU cores, the book's run of 2026-12-07); about 0.7 h and 5 GB "
+        "on a Colab T4 with Stable Diffusion (`colab` profile; estimated).*")
+    assert "not yet timed" in costs.run_time_note("02_y", tmp_path)  # a failed run is no time
+    assert "does not fit" in costs.run_time_note("02_y", tmp_path)
+    assert costs.run_time_note("03_z", tmp_path).endswith("not yet estimated on a GPU.*")
