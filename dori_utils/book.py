@@ -631,9 +631,11 @@ def trim_page(shot: Path, margin: int = 40, content_left: int = 300, blank: int 
     trimmed.save(shot)
 
 
-def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int = 120, height: int = 24000) -> list[Path]:
-    """Render every built page of ``_toc.yml`` in headless Chromium and save a full-page screenshot: the window is
-    ``height`` pixels tall (enough for every chapter) and the blank space below the page is cut off."""
+def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int = 120, height: int = 24000,
+                widths: tuple[int, ...] = (1280,)) -> list[Path]:
+    """Render every built page of ``_toc.yml`` in headless Chromium and save a full-page screenshot per window
+    width (``<page>-<width>.png``; 400 is a phone): the window is ``height`` pixels tall (enough for every
+    chapter) and the blank space below the page is cut off."""
     html = root / "_build" / "html"
     pages = [html / page.relative_to(root).with_suffix(".html") for page in toc_pages(root)]
     missing = [p for p in pages if not p.exists()]
@@ -643,20 +645,23 @@ def screenshots(root: Path, out: Path, chromium: str | None = None, timeout: int
     out.mkdir(parents=True, exist_ok=True)
     shots = []
     for page in pages:
-        shot = out / (page.relative_to(html).with_suffix("").as_posix().replace("/", "__") + ".png")
-        shot.unlink(missing_ok=True)
-        with tempfile.TemporaryDirectory(prefix="dori-chromium-") as profile_dir:
-            command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                       "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                       "--hide-scrollbars", f"--user-data-dir={profile_dir}", f"--window-size=1280,{height}",
-                       f"--screenshot={shot}", page.as_uri()]
-            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        if not shot.exists():
-            raise BookError(f"Chromium wrote no screenshot for {page} (exit {result.returncode}):\n"
-                            f"{result.stderr[-2000:]}")
-        trim_page(shot)
-        shots.append(shot)
-        print(f"  {shot}")
+        for width in widths:
+            name = page.relative_to(html).with_suffix("").as_posix().replace("/", "__")
+            shot = out / f"{name}-{width}.png"
+            shot.unlink(missing_ok=True)
+            with tempfile.TemporaryDirectory(prefix="dori-chromium-") as profile_dir:
+                command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                           "--hide-scrollbars", f"--user-data-dir={profile_dir}", f"--window-size={width},{height}",
+                           f"--screenshot={shot}", page.as_uri()]
+                result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+            if not shot.exists():
+                raise BookError(f"Chromium wrote no screenshot for {page} at {width} px (exit {result.returncode}):\n"
+                                f"{result.stderr[-2000:]}")
+            # a narrow window has no sidebar: the whole width is content
+            trim_page(shot, content_left=300 if width >= 1000 else 0)
+            shots.append(shot)
+            print(f"  {shot}")
     return shots
 
 
@@ -778,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     shots = commands.add_parser("screenshots", help="screenshot every built page with headless Chromium")
     shots.add_argument("--out", type=Path, default=Path("_build/screenshots"))
     shots.add_argument("--chromium", help="browser binary (default /usr/bin/chromium or $CHROMIUM)")
+    shots.add_argument("--width", type=int, nargs="+", default=[1280],
+                       help="window widths in pixels, one screenshot each (e.g. 1280 400: desktop and phone)")
     commands.add_parser("check", help="check that the chapters follow the book's conventions")
     commands.add_parser("setup-cell", help="print the guarded Colab setup cell that opens every chapter")
     publish = commands.add_parser("set-repository", help="publish under another repository: set its URL in "
@@ -812,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Wrote {len(written)} student notebook(s) to {under_root(args.out)}")
             return 0
         if args.command == "screenshots":
-            shots = screenshots(root, under_root(args.out), args.chromium)
+            shots = screenshots(root, under_root(args.out), args.chromium, widths=tuple(args.width))
             print(f"Wrote {len(shots)} screenshot(s) to {under_root(args.out)}")
             return 0
         if args.command == "check":
