@@ -382,3 +382,21 @@ def test_set_repository_rewrites_the_config_and_every_setup_cell(tmp_path, capsy
     assert "differs from the one _config.yml" in " ".join(
         book.check_chapter(root / "chapters" / "00_ok.ipynb", stale))
     assert book.main(["--root", str(root), "set-repository", "not a url"]) == 1
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_figure_has_a_caption_and_alt_text(chapter):
+    nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    drawn = [c for c in nb.cells if c.cell_type == "code" and "plots." in c.source and not book.is_solution(c)]
+    assert drawn
+    for cell in drawn:
+        figure = cell.metadata.get("mystnb", {})
+        assert figure.get("figure", {}).get("caption") and figure.get("image", {}).get("alt"), cell.source[:120]
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS)
+def test_every_chapter_opens_with_its_run_time(chapter):
+    nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert f'costs.run_time_note("{chapter}")' in code[1].source
+    assert book.MEASURED_TEXT_TAG in code[1].metadata["tags"]
