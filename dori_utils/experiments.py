@@ -347,9 +347,10 @@ def nemo_attack(backend: Backend, items, neurons: nemo.NeuronSearch, seeds: list
 
 def wanda_attacks(backend: Backend, items, sparsities: list[float], seeds: list[int], steps: int = 50,
                   snapshot_steps: tuple[int, ...] = (), seed: int = 2,
-                  union_steps: int = 10) -> dict[float, PrunedAttack]:
+                  union_steps: int | None = None) -> dict[float, PrunedAttack]:
     """Wanda's one mask for all memorized prompts at each sparsity (one pass over the prompts for all of them,
-    scoring the first ``union_steps`` denoising steps), and the attack on each pruned model."""
+    scoring the first ``union_steps`` denoising steps, by default Chavhan et al.'s first fifth of the trajectory),
+    and the attack on each pruned model."""
     prompts = backend.encode_prompts([item.prompt for item in items])
     runs = {}
     masks_by_sparsity = wanda.pruning_masks(backend, prompts, sparsity=list(sparsities), union_steps=union_steps)

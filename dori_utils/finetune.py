@@ -121,7 +121,7 @@ SURROGATE_LEVELS = ((0.1, False), (0.3, False), (0.5, True))
 
 
 def pruned_surrogates(backend, items, levels=SURROGATE_LEVELS, seeds=(0, 1, 2), max_score: float | None = None,
-                      union_steps: int = 10) -> Surrogates:
+                      union_steps: int | None = None) -> Surrogates:
     """Surrogates drawn under pruning, each item under the mildest level that keeps it under ``max_score``.
 
     A level is (Wanda sparsity, whether NeMo's value neurons are all blocked too). The Wanda mask is the global

@@ -8,7 +8,8 @@ For each ``ff.net.2`` (the second linear of every transformer block's GEGLU feed
 - per output row, the top ``sparsity`` share of weights by target score, kept where target > base.
 
 The union over the first ``union_steps`` denoising steps is zeroed. Chavhan et al. use 1% sparsity and the first
-10 of 50 steps; the Dori paper adds 10% as an ablation. The timestep is told to the hooks by the sampling loop
+10 of 50 steps; the Dori paper adds 10% as an ablation. By default the union covers the same share of the
+trajectory, the first fifth (``union_steps_for``): 10 of SD's 50 steps, 4 of the organism's 20. The timestep is told to the hooks by the sampling loop
 (``on_step``), never inferred by counting hook calls.
 """
 from __future__ import annotations
@@ -22,18 +23,27 @@ from dori_utils import hooks
 from dori_utils.sampling import generate
 
 
+UNION_SHARE = 10 / 50  # Chavhan et al.: the first 10 of 50 denoising steps
+
+
+def union_steps_for(num_inference_steps: int) -> int:
+    """The first steps that cover Chavhan et al.'s share of the sampling trajectory (at least one)."""
+    return max(1, round(UNION_SHARE * num_inference_steps))
+
+
 def ff_layers(unet) -> list[str]:
     """Every ``ff.net.2`` in the UNet (SD v1.4: 16; the organism: 7), in forward order."""
     return hooks.layer_names(unet, "ff.net.2")
 
 
 @torch.no_grad()
-def input_norms(backend, embeddings: torch.Tensor, seeds: list[int], union_steps: int = 10,
+def input_norms(backend, embeddings: torch.Tensor, seeds: list[int], union_steps: int | None = None,
                 layers: list[str] | None = None, **sampling_kwargs) -> dict[str, torch.Tensor]:
     """layer -> union_steps x in_features: ||X_j||_2 of the inputs of each ``ff.net.2`` at each early step (at
     most as many steps as sampling takes)."""
     layers = layers or ff_layers(backend.unet)
-    union_steps = min(union_steps, sampling_kwargs.get("num_inference_steps") or backend.num_inference_steps)
+    steps = sampling_kwargs.get("num_inference_steps") or backend.num_inference_steps
+    union_steps = min(union_steps_for(steps) if union_steps is None else union_steps, steps)
     sums: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)
     current = {"step": 0}
 
@@ -80,7 +90,8 @@ def select_weights(weight: torch.Tensor, target_norms: torch.Tensor, base_norms:
     return mask
 
 
-def pruning_masks(backend, target_embeddings: torch.Tensor, sparsity: float | list[float] = 0.01, union_steps: int = 10,
+def pruning_masks(backend, target_embeddings: torch.Tensor, sparsity: float | list[float] = 0.01,
+                 union_steps: int | None = None,
                  seeds: list[int] | None = None, **sampling_kwargs):
     """Wanda masks (layer -> bool out x in) for a set of target embeddings (the memorized prompts, or triggers).
 

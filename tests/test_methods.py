@@ -515,3 +515,9 @@ def test_wanda_reads_at_most_as_many_steps_as_sampling_takes(tiny_backend):
     embeddings = tiny_backend.encode_prompts(tiny_backend.prompt_sets["heldout_ordinary"][:2])
     norms = wanda.input_norms(tiny_backend, embeddings, [0, 1], union_steps=10)  # the tiny backend samples 4 steps
     assert {tuple(v.shape[:1]) for v in norms.values()} == {(tiny_backend.num_inference_steps,)}
+
+
+def test_wanda_union_covers_chavhan_et_al_s_share_of_the_trajectory():
+    assert wanda.union_steps_for(50) == 10  # their setting: the first 10 of 50 steps
+    assert wanda.union_steps_for(20) == 4  # the organism's 20 steps: the same first fifth
+    assert wanda.union_steps_for(2) == 1
