@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -148,8 +149,8 @@ def reference_generations(backend: Backend, prompts: list[str], seeds, cache_dir
         if path is not None and path.exists():
             try:
                 cached[i] = load_file(str(path))["images"].float() / 255
-            except Exception:  # a broken file (an interrupted write) is computed again
-                path.unlink()
+            except Exception:  # a broken file is computed again (another process may have removed it first)
+                path.unlink(missing_ok=True)
     missing = [i for i in range(len(prompts)) if i not in cached]
     if missing:
         print(f"generating reference images for {len(missing)} of {len(prompts)} prompts x {len(seeds)} seeds"
@@ -164,7 +165,8 @@ def reference_generations(backend: Backend, prompts: list[str], seeds, cache_dir
         for i, generated in zip(group, images.view(len(group), len(seeds), *images.shape[1:])):
             if paths[i] is not None:
                 paths[i].parent.mkdir(parents=True, exist_ok=True)
-                partial = paths[i].with_suffix(".part")
+                # a name of this process's own: two processes filling the same entry both succeed
+                partial = paths[i].with_name(f".{paths[i].name}.{os.getpid()}.part")
                 save_file({"images": generated.contiguous()}, str(partial))
                 partial.replace(paths[i])
             cached[i] = generated.float() / 255
