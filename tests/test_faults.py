@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -104,27 +103,37 @@ def test_generate_refuses_zero_steps_to_stop_after(tiny_backend):
 
 # --------------------------------------------------------------------------------------------- the cache
 
-def test_two_writers_of_one_cache_entry_both_succeed(tmp_path):
+def _fill_entry(folder: str, outcomes) -> None:
     def compute():
-        time.sleep(0.2)
+        time.sleep(0.5)  # both writers compute at once
         return torch.arange(3)
 
-    outcomes = []
+    save = torch.save
 
-    def fill():
-        try:
-            outcomes.append(results.cached(tmp_path, "entry", {"a": 1}, compute))
-        except Exception as error:  # what the test looks for: no writer may fail
-            outcomes.append(error)
+    def slow_save(*args, **kwargs):  # both have written their file before either renames it
+        save(*args, **kwargs)
+        time.sleep(0.5)
 
-    writers = [threading.Thread(target=fill) for _ in range(2)]
+    torch.save = slow_save  # in this forked writer only
+    try:
+        outcomes.put(results.cached(folder, "entry", {"a": 1}, compute).tolist())
+    except Exception as error:  # what the test looks for: no writer may fail
+        outcomes.put(repr(error))
+
+
+def test_two_processes_filling_one_cache_entry_both_succeed(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    outcomes = context.Queue()
+    writers = [context.Process(target=_fill_entry, args=(str(tmp_path), outcomes)) for _ in range(2)]
     for writer in writers:
         writer.start()
     for writer in writers:
-        writer.join()
-    assert all(isinstance(o, torch.Tensor) and o.tolist() == [0, 1, 2] for o in outcomes), outcomes
+        writer.join(timeout=60)
+    assert [outcomes.get(timeout=5) for _ in writers] == [[0, 1, 2], [0, 1, 2]]
     assert results.cached(tmp_path, "entry", {"a": 1}, lambda: pytest.fail("recomputed")).tolist() == [0, 1, 2]
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_an_unwritable_cache_fails_before_computing_and_names_the_folder(tmp_path):
@@ -208,6 +217,13 @@ def test_the_shipped_profiles_fit_the_chapters():
     chapters = book.toc_chapters(ROOT)
     for profile in (ROOT / "profiles").glob("*.yaml"):
         book.check_profile(book.load_profile(profile.stem, ROOT), chapters, profile.name)
+
+
+def test_run_outside_a_book_stops_instead_of_running_the_repositorys_chapters(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(book.BookError, match="No _toc.yml"):
+        book.find_root()
+    assert book.main(["check"]) == 1 and "No _toc.yml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("folder", ["student", "missing", "empty"])
