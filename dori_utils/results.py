@@ -130,17 +130,28 @@ def glue_named(named: list[tuple[str, object]]) -> list[str]:
     return [name for name, _ in named]
 
 
-def render_text(template: str, values: dict | None = None) -> str:
+NOT_MEASURED = "[not measured in this run: {name}]"
+
+
+def render_text(template: str, values: dict | None = None, strict: bool = False) -> str:
     """``template`` with every ``{{name:spec}}`` replaced by ``format(values[name], spec)`` (default: the glued
-    values); a name nobody glued stops with the names that were."""
+    values). A name this run did not glue (a backend without template items, say) shows as
+    ``[not measured in this run: name]`` with a warning, or stops with ``strict``; the organism's committed
+    chapters are tested to hold none."""
     values = GLUED if values is None else values
 
     def number(match: re.Match) -> str:
         name, spec = match.group(1), match.group(2) or ""
         if name not in values:
             close = sorted(key for key in values if key.split(".")[0] == name.split(".")[0])[:10]
-            raise KeyError(f"The text quotes {{{{{name}}}}}, which this run did not glue (log.glue(), "
-                           f"paper.glue_numbers()); glued names like it: {close or 'none'}")
+            message = (f"The text quotes {{{{{name}}}}}, which this run did not glue (log.glue(), "
+                       f"paper.glue_numbers()); glued names like it: {close or 'none'}")
+            if strict:
+                raise KeyError(message)
+            warnings.warn(message, stacklevel=3)
+            return NOT_MEASURED.format(name=name)
+        if values[name] is None and spec:  # recorded as not applicable (a number a backend cannot give)
+            return NOT_MEASURED.format(name=name)
         return format(values[name], spec)
 
     return PLACEHOLDER.sub(number, template)

@@ -341,6 +341,7 @@ def test_measured_text_shows_numbers_wherever_the_notebook_is_opened(chapter):
         assert cells, "the chapter has no measured text"
         shown = ["".join(o.get("data", {}).get("text/markdown", "") for o in cell.outputs) for cell in cells]
         assert all(text and "{{" not in text for text in shown), "a measured-text cell has no output or an unfilled name"
+        assert not any("not measured in this run" in text for text in shown), "the organism's run missed a number"
         assert re.search(r"\d\.\d\d", "".join(shown)), "no measured number in the chapter's text"
 
 

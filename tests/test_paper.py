@@ -56,5 +56,9 @@ def test_measured_text_fills_in_glued_numbers_and_names_a_missing_one():
     assert results.render_text("MR {{nemo_dori.mr:.2f}} on the {{item:s}}, {{n:d}} items, {{n}}") == \
         "MR 0.50 on the cat, 3 items, 3"
     with pytest.raises(KeyError, match=r"\{\{nemo_dori.score\}\}.*nemo_dori.mr"):
-        results.render_text("{{nemo_dori.score:.2f}}")
+        results.render_text("{{nemo_dori.score:.2f}}", strict=True)
+    with pytest.warns(UserWarning, match="did not glue"):  # another backend may lack a measurement: say so
+        assert results.render_text("MR {{template.mr:.2f}}") == "MR [not measured in this run: template.mr]"
+    results.glue_values({"auc": None})
+    assert results.render_text("AUC {{auc:.2f}}") == "AUC [not measured in this run: auc]"
     assert results.render_text("no numbers, {braces} and $\\{x\\}$ stay") == "no numbers, {braces} and $\\{x\\}$ stay"
