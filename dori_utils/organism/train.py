@@ -9,13 +9,23 @@ checkpoint (`unet/` via `save_pretrained`, safetensors; `scheduler/`), the memor
 the loss curve and a manifest with the data recipe, captions, training config and package versions.
 A checkpoint is written every `save_every` steps, so an interrupted run keeps what it learned. Results depend
 on the number of CPU threads (floating-point summation order): the shipped checkpoint records its own.
+
+With `--series-every N` a copy of the checkpoint is also kept every N steps under `<out>/series/step-NNNNN/`
+(never overwritten; each loads with `load_backend("organism", path=...)`), so one training gives a series of
+checkpoints to measure along the way. At every checkpoint, `<out>/training_state.pt` holds what a resumed run
+needs (weights, optimizer, learning-rate schedule, batch generator, step, losses); `--resume` continues from it,
+and an interrupted-and-resumed run ends with the same weights as an uninterrupted one (same thread count). A
+SIGTERM ends a run after the step it is in, with a checkpoint at that step, so that it can be resumed.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -51,6 +61,7 @@ class TrainConfig:
     caption_dropout: float = 0.1  # empty-caption share, for classifier-free guidance
     save_every: int = 500
     stop_at: int | None = None  # end the run early on the same schedule (the checkpoint then records it)
+    series_every: int | None = None  # also keep a copy of the checkpoint every so many steps under series/
     threads: int = 2
     n_ordinary: int = 3200
     copies_per_photo: int = 80  # each memorized photograph, and each template item
@@ -80,6 +91,62 @@ def _write_checkpoint(out: Path, unet, manifest: dict, losses: list[float]) -> N
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
 
 
+TRAINING_STATE = "training_state.pt"
+SERIES_DIR = "series"
+# Options that may differ between a run and its resumption: they change when checkpoints are written or where the
+# run ends, not the weights at a given step.
+RESUMABLE_CHANGES = ("save_every", "stop_at", "series_every")
+
+
+def series_checkpoint(out: str | Path, step: int) -> Path:
+    """The folder of the series checkpoint after ``step`` steps."""
+    return Path(out) / SERIES_DIR / f"step-{step:05d}"
+
+
+def series_steps(out: str | Path) -> list[int]:
+    """The steps of the series checkpoints kept under ``out``, in order (complete ones only)."""
+    folder = Path(out) / SERIES_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(int(d.name[5:]) for d in folder.glob("step-*") if d.name[5:].isdigit() and (d / "manifest.json").exists())
+
+
+def _write_series_checkpoint(out: Path, step: int) -> None:
+    """Copy the checkpoint just written in ``out`` into its series folder; an existing one is never replaced."""
+    target = series_checkpoint(out, step)
+    if target.exists():
+        return
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for name in ("unet", "scheduler", "references"):
+        shutil.copytree(out / name, partial / name)
+    for name in ("loss.csv", "manifest.json"):
+        shutil.copy2(out / name, partial / name)
+    partial.rename(target)
+
+
+def _save_training_state(out: Path, state: dict) -> None:
+    partial = out / (TRAINING_STATE + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, out / TRAINING_STATE)
+
+
+def _load_training_state(out: Path, config: TrainConfig) -> dict:
+    path = out / TRAINING_STATE
+    if not path.exists():
+        raise FileNotFoundError(f"No {TRAINING_STATE} in {out} to resume from: train without --resume first "
+                                "(a checkpoint written by this version saves it).")
+    state = torch.load(path, weights_only=False)
+    recorded, current = state["config"], asdict(config)
+    differs = sorted(k for k in set(recorded) | set(current)
+                     if k not in RESUMABLE_CHANGES and recorded.get(k) != current.get(k))
+    if differs:
+        raise ValueError(f"Cannot resume the run in {out}: its training options differ in {differs} "
+                         f"(recorded {[recorded.get(k) for k in differs]}, now {[current.get(k) for k in differs]}).")
+    return state
+
+
 def config_from_manifest(path: str | Path) -> TrainConfig:
     """The training configuration a checkpoint's manifest records, to train it again."""
     path = Path(path)
@@ -103,7 +170,10 @@ def train_shipped_organism() -> Path:
     return train_organism(DEFAULT_ORGANISM_DIR, config_from_manifest(DEFAULT_ORGANISM_DIR / "manifest.json"))
 
 
-def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True) -> Path:
+def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True,
+                   resume: bool = False) -> Path:
+    """Train ``config`` into ``out_dir``; with ``resume``, continue the run whose training state ``out_dir``
+    holds (its options must be the same, but for ``RESUMABLE_CHANGES``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
@@ -162,30 +232,70 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
         "machine": platform.platform(),
     }
     losses: list[float] = []
+    first_step, earlier_seconds = 0, 0.0
+    if resume:
+        state = _load_training_state(out, config)
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        first_step, losses, earlier_seconds = state["step"], list(state["losses"]), state["train_seconds"]
+    last_step = config.stop_at or config.steps
     started = time.time()
-    bar = tqdm(range(config.stop_at or config.steps), desc="training organism", disable=not progress)
-    for step in bar:
-        index = torch.randint(0, len(samples), (config.batch_size,), generator=generator)
-        x0 = images[index]
-        cond = caption_embeddings[caption_index[index]]
-        drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
-        cond = torch.where(drop[:, None, None], empty_embedding.expand_as(cond), cond)
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        xt = add_noise(noise_scheduler, x0, noise, t)
-        loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, prediction_target(noise_scheduler, x0, noise, t))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if (step + 1) % config.save_every == 0 or step + 1 == (config.stop_at or config.steps):
-            manifest["trained_steps"] = step + 1
-            manifest["train_seconds"] = round(time.time() - started, 1)
-            _write_checkpoint(out, unet, manifest, losses)
+    stop_requested = []
+    previous_handler = None
+    try:
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True))
+    except ValueError:  # not the main thread: no graceful stop
+        pass
+    bar = tqdm(range(first_step, last_step), desc="training organism", disable=not progress,
+               initial=first_step, total=last_step)
+    try:
+        for step in bar:
+            _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, samples, images,
+                        caption_embeddings, caption_index, empty_embedding, losses)
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            done = step + 1
+            in_series = bool(config.series_every) and done % config.series_every == 0
+            if done % config.save_every == 0 or done == last_step or in_series or stop_requested:
+                manifest["trained_steps"] = done
+                manifest["train_seconds"] = round(earlier_seconds + time.time() - started, 1)
+                _write_checkpoint(out, unet, manifest, losses)
+                _save_training_state(out, {
+                    "step": done, "config": asdict(config), "unet": unet.state_dict(),
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                    "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "losses": losses,
+                    "train_seconds": manifest["train_seconds"]})
+                if in_series:
+                    _write_series_checkpoint(out, done)
+            if stop_requested:
+                print(f"stopped by SIGTERM after step {done}; resume with --resume", flush=True)
+                break
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return out
+
+
+def _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, samples, images,
+                caption_embeddings, caption_index, empty_embedding, losses) -> None:
+    """One optimizer step of the run, drawing its batch and noise from ``generator``."""
+    index = torch.randint(0, len(samples), (config.batch_size,), generator=generator)
+    x0 = images[index]
+    cond = caption_embeddings[caption_index[index]]
+    drop = torch.rand(config.batch_size, generator=generator) < config.caption_dropout
+    cond = torch.where(drop[:, None, None], empty_embedding.expand_as(cond), cond)
+    noise = torch.randn(x0.shape, generator=generator)
+    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+    xt = add_noise(noise_scheduler, x0, noise, t)
+    loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, prediction_target(noise_scheduler, x0, noise, t))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    losses.append(loss.item())
 
 
 def main(argv=None) -> None:
@@ -198,6 +308,10 @@ def main(argv=None) -> None:
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this many steps of the --steps schedule (the learning rate follows --steps)")
+    parser.add_argument("--series-every", type=int, default=None,
+                        help="also keep a copy of the checkpoint every so many steps under <out>/series/step-NNNNN/")
+    parser.add_argument("--resume", action="store_true",
+                        help=f"continue the run in --out from its {TRAINING_STATE} (same options)")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet, for tests")
     parser.add_argument("--manifest", default=None,
                         help="train the configuration this manifest records (the shipped organism: "
@@ -205,11 +319,13 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.manifest:
         config = config_from_manifest(args.manifest)
+        if args.series_every:
+            config.series_every = args.series_every
     else:
         overrides = TINY_UNET if args.tiny else {}
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest")},
+        config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest", "resume")},
                              unet_overrides=overrides)
-    path = train_organism(args.out, config)
+    path = train_organism(args.out, config, resume=args.resume)
     print(f"organism checkpoint written to {path}")
 
 

@@ -1,0 +1,71 @@
+"""Issue 30, parts 2 and 3: checkpoint series, resumable training, the combination-keys data lever."""
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dori_utils.organism import data as organism_data
+from dori_utils.organism import train as organism_train
+
+TINY = ["--tiny", "--steps", "4", "--save-every", "2", "--n-ordinary", "40", "--copies-per-photo", "2",
+        "--n-crops", "11", "--n-faces", "5", "--threads", "1", "--batch-size", "8"]
+STOPWORDS = {"a", "an", "the", "of", "on", "in", "at", "with", "and", "its", "under"}
+
+
+def _weights(folder):
+    return load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def _assert_same_weights(a, b):
+    first, second = _weights(a), _weights(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_series_and_resume_give_the_uninterrupted_weights(tmp_path, monkeypatch):
+    from dori_utils.backends import load_backend
+
+    whole, resumed, stopped = tmp_path / "whole", tmp_path / "resumed", tmp_path / "stopped"
+    organism_train.main(["--out", str(whole), *TINY, "--series-every", "2"])
+    assert organism_train.series_steps(whole) == [2, 4]
+    for step in (2, 4):
+        folder = organism_train.series_checkpoint(whole, step)
+        assert json.loads((folder / "manifest.json").read_text())["trained_steps"] == step
+        assert len(load_backend("organism", device="cpu", path=folder).memorized) == len(organism_data.MEMORIZED_PHOTOS)
+    _assert_same_weights(whole, organism_train.series_checkpoint(whole, 4))
+
+    # 2 steps, then 2 more resumed: the same weights, losses and series
+    organism_train.main(["--out", str(resumed), *TINY, "--series-every", "2", "--stop-at", "2"])
+    assert torch.load(resumed / organism_train.TRAINING_STATE, weights_only=False)["step"] == 2
+    organism_train.main(["--out", str(resumed), *TINY, "--series-every", "2", "--resume"])
+    _assert_same_weights(whole, resumed)
+    _assert_same_weights(organism_train.series_checkpoint(whole, 2), organism_train.series_checkpoint(resumed, 2))
+    assert (whole / "loss.csv").read_text() == (resumed / "loss.csv").read_text()
+    assert json.loads((resumed / "manifest.json").read_text())["trained_steps"] == 4
+
+    # a SIGTERM after the first step ends the run there with a checkpoint, and the run resumes from it
+    original = organism_train._train_step
+
+    def step_then_terminate(*args):
+        original(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(organism_train, "_train_step", step_then_terminate)
+    handler = signal.getsignal(signal.SIGTERM)
+    organism_train.main(["--out", str(stopped), *TINY])
+    assert signal.getsignal(signal.SIGTERM) is handler
+    assert json.loads((stopped / "manifest.json").read_text())["trained_steps"] == 1
+    monkeypatch.setattr(organism_train, "_train_step", original)
+    organism_train.main(["--out", str(stopped), *TINY, "--resume"])
+    _assert_same_weights(whole, stopped)
+    assert not (stopped / "series").exists()
+
+    with pytest.raises(ValueError, match="learning_rate"):
+        organism_train.main(["--out", str(stopped), *TINY, "--learning-rate", "0.01", "--resume"])
+    with pytest.raises(FileNotFoundError, match="without --resume"):
+        organism_train.main(["--out", str(tmp_path / "empty"), *TINY, "--resume"])
