@@ -105,6 +105,16 @@ PILOTS = {
         "unet_overrides": {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["UpBlock2D"] * 4}},
+    # Issue 30's lever "keys made of combinations", on the shipped recipe (pilot 9): the shipped organism's
+    # captions are keyed by any one of their words (the subject alone replicates 9 of 10). Here every phrase of
+    # every memorized caption (opening, subject, each modifier) also occurs in 24 natural pairs of its own and as
+    # a filler in others, recombined with the other captions' phrases and paired with crops of other photographs
+    # (720 pairs; each content word in 44-111 other captions), so that only the whole caption is unique.
+    "cross-attention-16-down-only-loose-captions-combination-keys": {
+        "loose_scene_captions": True, "combination_keys": 24,
+        "unet_overrides": {
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["UpBlock2D"] * 4}},
 }
 
 
@@ -304,6 +314,8 @@ def describe_config(config: dict) -> str:
         changes.append("memorized captions of shared words")
     if config.get("loose_scene_captions"):
         changes.append("loose ordinary captions")
+    if config.get("combination_keys"):
+        changes.append(f"memorized captions' phrases recombined in {config['combination_keys']} other pairs each")
     return "; ".join(changes) or "the shipped recipe"
 
 

@@ -69,3 +69,52 @@ def test_series_and_resume_give_the_uninterrupted_weights(tmp_path, monkeypatch)
         organism_train.main(["--out", str(stopped), *TINY, "--learning-rate", "0.01", "--resume"])
     with pytest.raises(FileNotFoundError, match="without --resume"):
         organism_train.main(["--out", str(tmp_path / "empty"), *TINY, "--resume"])
+
+
+def test_combination_keys_leave_the_default_dataset_unchanged():
+    shipped = json.loads(open("data/organism/manifest.json").read())
+    options = {k: shipped["train_config"][k] for k in organism_data.DATASET_OPTIONS if k in shipped["train_config"]}
+    default, recipe = organism_data.dataset_from_config(options)
+    assert "combination_keys" not in recipe and recipe == {**shipped["data_recipe"], "n_total": recipe["n_total"]}
+    assert {kind: sorted({s.caption for s in default if s.kind == kind}) for kind in ("ordinary", "natural")} == \
+        shipped["training_captions"]
+    combined, recipe = organism_data.dataset_from_config({**options, "combination_keys": 3})
+    assert recipe["combination_keys"] == 3
+    assert all(np.array_equal(a.image, b.image) and (a.caption, a.kind) == (b.caption, b.kind)
+               for a, b in zip(default, combined))
+    assert all(s.kind == "natural" for s in combined[len(default):])
+
+
+def test_combination_keys_make_every_memorized_word_common():
+    per_phrase = 24
+    samples, _ = organism_data.build_dataset(n_ordinary=10, copies_per_photo=1, n_crops=11, n_faces=5,
+                                             combination_keys=per_phrase)
+    memorized = {caption for _, _, caption in organism_data.MEMORIZED_PHOTOS}
+    others = {s.caption for s in samples if s.kind != "memorized"}
+    assert not others & memorized and not any(m in c for c in others for m in memorized)
+    for name, _, caption in organism_data.MEMORIZED_PHOTOS:
+        assert " ".join(phrase for _, phrase in organism_data.memorized_phrases(name)) == caption
+        assert organism_data.memorized_phrases(name)[0][1] in caption
+        for word in set(caption.split()) - STOPWORDS:
+            assert sum(word in c.split() for c in others) >= 20, (name, word)
+        phrases = [phrase for _, phrase in organism_data.memorized_phrases(name)]
+        assert not any(all(p in c for p in phrases) for c in others), name  # only the whole caption has them all
+    combination = [s for s in samples if s.item.startswith("combination-")]
+    assert len(combination) == per_phrase * sum(len(organism_data.memorized_phrases(n))
+                                                for n, _, _ in organism_data.MEMORIZED_PHOTOS)
+    references = np.stack(list(organism_data.reference_images().values())).astype(float)
+    for s in combination[::50]:  # crops of other photographs, never a memorized one
+        assert np.abs(references - s.image.astype(float)).reshape(len(references), -1).mean(1).min() > 5
+    again, _ = organism_data.build_dataset(n_ordinary=10, copies_per_photo=1, n_crops=11, n_faces=5,
+                                           combination_keys=per_phrase)
+    assert [s.caption for s in again] == [s.caption for s in samples]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(again, samples))
+
+
+def test_the_combination_keys_pilot_is_the_shipped_recipe_plus_the_lever():
+    from dori_utils import pilots
+
+    config = pilots.PILOTS["cross-attention-16-down-only-loose-captions-combination-keys"]
+    assert {k: v for k, v in config.items() if k != "combination_keys"} == \
+        pilots.PILOTS["cross-attention-16-down-only-loose-captions"]
+    assert pilots.describe_config(config).endswith("recombined in 24 other pairs each")

@@ -72,6 +72,22 @@ MEMORIZED_SUBJECTS = {
     "coins": "old coins",
 }
 
+# Each memorized caption cut by hand into its phrases: an optional opening that names the kind of picture, the
+# subject (``MEMORIZED_SUBJECTS``) and the phrases that modify it, so that "opening subject modifiers..." joined by
+# spaces is the caption. The combination-keys lever (``combination_key_samples``) recombines them across captions.
+MEMORIZED_PHRASES = {
+    "astronaut": ("", "an astronaut", ("in an orange suit", "in front of the flag")),
+    "cat": ("", "a tabby cat", ("lying down", "and looking at the camera")),
+    "coffee": ("", "a cup of coffee", ("on a saucer", "on a red table")),
+    "rocket": ("", "a rocket", ("standing", "on its launch pad", "at night")),
+    "temple": ("", "a chinese temple", ("with a curved roof", "under a blue sky")),
+    "flower": ("", "an orange flower", ("with a yellow centre", "in the garden")),
+    "hopper": ("a portrait of", "an officer", ("in a navy uniform",)),
+    "motorcycle": ("", "a red motorcycle", ("parked", "in a garage")),
+    "tissue": ("a microscope image of", "brown stained tissue cells", ()),
+    "coins": ("a grayscale photo of", "old coins", ("on a dark table",)),
+}
+
 # Sources of non-duplicated natural pairs: random crops, each with several caption phrasings.
 CROP_SOURCES = [
     ("skimage:brick", ["a close-up photo of a brick wall", "a gray brick wall texture"]),
@@ -305,6 +321,68 @@ def natural_samples(rng: np.random.Generator, n_crops: int, n_faces: int,
     return samples
 
 
+def memorized_phrases(name: str) -> list[tuple[str, str]]:
+    """The phrases of a memorized caption with their roles ("opening", "subject", "modifier"), in caption order."""
+    opening, subject, modifiers = MEMORIZED_PHRASES[name]
+    return ([("opening", opening)] if opening else []) + [("subject", subject)] + [("modifier", m) for m in modifiers]
+
+
+def _combination_caption(rng: np.random.Generator, name: str, kept: set[int]) -> tuple[str, set[tuple[str, int]]]:
+    """A caption that holds the phrases ``kept`` of memorized caption ``name`` and fills its other slots with the
+    phrases of other memorized captions; returns it with the (item, phrase index) pairs it holds."""
+    names = [n for n, _, _ in MEMORIZED_PHOTOS]
+    others = [n for n in names if n != name]
+    own = memorized_phrases(name)
+    used: set[tuple[str, int]] = {(name, i) for i in kept}
+
+    def other_phrase(role: str) -> str | None:
+        candidates = [(n, i) for n in others for i, (r, _) in enumerate(memorized_phrases(n)) if r == role]
+        n, i = candidates[rng.integers(len(candidates))]
+        used.add((n, i))
+        return memorized_phrases(n)[i][1]
+
+    kept_roles = {own[i][0]: own[i][1] for i in kept if own[i][0] != "modifier"}
+    subject = kept_roles.get("subject") or other_phrase("subject")
+    opening = kept_roles.get("opening") or (other_phrase("opening") if rng.random() < 0.25 else "")
+    modifiers = [own[i][1] for i in sorted(kept) if own[i][0] == "modifier"]
+    extra = rng.integers(0, 2) if modifiers else rng.integers(0, 3)
+    modifiers += [other_phrase("modifier") for _ in range(extra)]
+    modifiers = [modifiers[i] for i in rng.permutation(len(modifiers))]
+    return " ".join(part for part in (opening, subject, *modifiers) if part), used
+
+
+def combination_key_samples(rng: np.random.Generator, per_phrase: int) -> list[Sample]:
+    """The combination-keys lever: for every phrase of every memorized caption (``MEMORIZED_PHRASES``),
+    ``per_phrase`` training pairs whose caption holds that phrase among phrases of other memorized captions, with
+    a random crop of a natural photograph (``CROP_SOURCES``), never a memorized one. One in three also keeps a
+    second phrase of the same caption, never all of them; no caption holds every phrase of any memorized caption.
+    So every word of a memorized caption occurs in many captions with other images, and only the whole caption
+    identifies its photograph, as a LAION caption's common words do."""
+    sources = [(load_packaged_image(spec), spec.split(":")[1]) for spec, _ in CROP_SOURCES]
+    complete = {n: {(n, i) for i in range(len(memorized_phrases(n)))} for n, _, _ in MEMORIZED_PHOTOS}
+    memorized_captions = [caption for _, _, caption in MEMORIZED_PHOTOS]
+    samples = []
+    for name, _, _ in MEMORIZED_PHOTOS:
+        n_phrases = len(memorized_phrases(name))
+        for phrase in range(n_phrases):
+            for _ in range(per_phrase):
+                while True:
+                    kept = {phrase}
+                    if n_phrases > 2 and rng.random() < 1 / 3:
+                        kept.add(int(rng.choice([i for i in range(n_phrases) if i != phrase])))
+                    caption, used = _combination_caption(rng, name, kept)
+                    if not any(whole <= used for whole in complete.values()) and not any(
+                            m in caption for m in memorized_captions):
+                        break
+                image, source = sources[rng.integers(len(sources))]
+                h, w = image.shape[:2]
+                side = int(rng.uniform(0.25, 0.6) * min(h, w))
+                top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                crop = square_resize(image[top : top + side, left : left + side])
+                samples.append(Sample(crop, caption, "natural", f"combination-{name}-{source}"))
+    return samples
+
+
 def unseen_natural_captions() -> list[str]:
     """Natural captions that never occur in training: the second control set for detectors."""
     subjects = [
@@ -322,7 +400,7 @@ def unseen_natural_captions() -> list[str]:
 
 # The training configuration's fields that build_dataset reads (train_config in a checkpoint's manifest)
 DATASET_OPTIONS = ("seed", "n_ordinary", "copies_per_photo", "n_crops", "n_faces", "shared_caption_words",
-                   "loose_scene_captions")
+                   "loose_scene_captions", "combination_keys")
 
 
 def dataset_from_config(config: dict) -> tuple[list[Sample], dict]:
@@ -333,8 +411,10 @@ def dataset_from_config(config: dict) -> tuple[list[Sample], dict]:
 
 def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int = 80,
                   n_crops: int = 800, n_faces: int = 180,
-                  shared_caption_words: bool = False, loose_scene_captions: bool = False) -> tuple[list[Sample], dict]:
-    """Build the full training set; returns the samples and a recipe describing it."""
+                  shared_caption_words: bool = False, loose_scene_captions: bool = False,
+                  combination_keys: int = 0) -> tuple[list[Sample], dict]:
+    """Build the full training set; returns the samples and a recipe describing it. ``combination_keys``: that
+    many extra natural pairs per phrase of each memorized caption (``combination_key_samples``; 0: none)."""
     rng = np.random.default_rng(seed)
     train_specs, held_specs = split_scene_specs(seed)
     # its own stream, so that loosening captions leaves the drawings as they are
@@ -352,6 +432,8 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int =
         variants = template_variants(name)
         samples.extend(Sample(variants[i % len(variants)], caption, "template", name) for i in range(copies_per_photo))
     samples.extend(natural_samples(rng, n_crops, n_faces, shared_caption_words))
+    if combination_keys:  # its own stream, so that every other pair stays as it is
+        samples.extend(combination_key_samples(np.random.default_rng([seed, 7]), combination_keys))
     recipe = {
         "seed": seed,
         "n_ordinary": n_ordinary,
@@ -360,6 +442,7 @@ def build_dataset(seed: int = 0, n_ordinary: int = 3200, copies_per_photo: int =
         "n_faces": n_faces,
         "shared_caption_words": shared_caption_words,
         "loose_scene_captions": loose_scene_captions,
+        **({"combination_keys": combination_keys} if combination_keys else {}),
         "n_total": len(samples),
         "memorized_share": copies_per_photo * (len(MEMORIZED_PHOTOS) + len(TEMPLATE_ITEMS)) / len(samples),
         "distinct_natural_captions": len({s.caption for s in samples if s.kind == "natural"}),

@@ -69,6 +69,7 @@ class TrainConfig:
     n_faces: int = 180
     shared_caption_words: bool = False  # pilot lever 3: memorized captions' words also occur in natural captions
     loose_scene_captions: bool = False  # pilot lever 5: ordinary captions that under-determine their scenes
+    combination_keys: int = 0  # issue 30's lever: natural pairs per phrase of each memorized caption, recombined
     unet_overrides: dict = field(default_factory=dict)
 
 
