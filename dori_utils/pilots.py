@@ -15,6 +15,11 @@ What a row measures, on the verbatim items (evaluation seeds 10 and 11, as chapt
 - Wanda at 1%: MR and attribute accuracy under the mask;
 - Dori, 50 steps from the prompt, on the first three items under NeMo and under Wanda 1%: MR.
 
+``--series-every 250`` also keeps a checkpoint every 250 steps under ``<out>/series/step-NNNNN/``, ``--resume``
+continues an interrupted training from its last checkpoint, and ``--measure-only --series-step 1000`` (or
+``latest``, or ``all``) measures the series checkpoints instead of the last one; each row then records its steps
+and the checkpoint's folder.
+
 ``--diagnose`` measures instead why a checkpoint is or is not local (see ``diagnose``) and appends its row to a
 table of its own, ``results/organism/pilot-diagnostics.csv``, so that the pilot table that chapter 0 reads does
 not change.
@@ -35,7 +40,7 @@ from dori_utils import attack, hooks, nemo, wanda
 from dori_utils.backends import load_backend
 from dori_utils.evaluation import evaluate_items, score_against_all_references
 from dori_utils.organism.model import UNET_CONFIG
-from dori_utils.organism.train import TrainConfig, train_organism
+from dori_utils.organism.train import TrainConfig, series_checkpoint, series_steps, train_organism
 from dori_utils.results import REPOSITORY_ROOT
 
 EVAL_SEEDS = [10, 11]
@@ -379,20 +384,63 @@ def main(argv=None) -> None:
     parser.add_argument("--diagnostics-table", default=str(DIAGNOSTICS_TABLE))
     parser.add_argument("--max-items", type=int, default=None,
                         help="with --diagnose: only the first memorized items (to time it; the row says how many)")
+    parser.add_argument("--series-every", type=int, default=None,
+                        help="also keep a checkpoint every so many steps under <out>/series/step-NNNNN/")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted training in --out")
+    parser.add_argument("--series-step", action="append", default=None,
+                        help="with --measure-only: measure the series checkpoint of this step (or 'latest', or "
+                             "'all') instead of the one in --out; may be given several times")
     args = parser.parse_args(argv)
     out = Path(args.out or REPOSITORY_ROOT / "results" / "organism" / "pilots" / args.name)
-    config = TrainConfig(steps=args.steps, threads=args.threads, **PILOTS[args.name])
+    config = TrainConfig(steps=args.steps, threads=args.threads, series_every=args.series_every, **PILOTS[args.name])
+    if args.series_step and not args.measure_only:
+        raise SystemExit("--series-step measures checkpoints that are already there: add --measure-only.")
     if not args.measure_only:
-        train_organism(out, config)
-    elif not (out / "manifest.json").exists():
-        raise SystemExit(f"No organism checkpoint in {out}: train it first (leave out --measure-only).")
-    manifest = json.loads((out / "manifest.json").read_text())
+        train_organism(out, config, resume=args.resume)
     torch.set_num_threads(args.threads)
+    for checkpoint in checkpoints_to_measure(out, args.series_step):
+        measure_checkpoint(args, checkpoint)
+
+
+def checkpoints_to_measure(out: Path, series: list[str] | None) -> list[Path]:
+    """The checkpoint folders that ``--series-step`` names under ``out`` (``out`` itself without it)."""
+    if not series:
+        if not (out / "manifest.json").exists():
+            raise SystemExit(f"No organism checkpoint in {out}: train it first (leave out --measure-only).")
+        return [out]
+    kept = series_steps(out)
+    if not kept:
+        raise SystemExit(f"No series checkpoints under {out}: train with --series-every first.")
+    steps = []
+    for wanted in series:
+        if wanted == "all":
+            steps += kept
+        elif wanted == "latest":
+            steps.append(kept[-1])
+        elif wanted.isdigit() and int(wanted) in kept:
+            steps.append(int(wanted))
+        else:
+            raise SystemExit(f"No series checkpoint {wanted!r} under {out}: kept steps are {kept} "
+                             "(or say 'latest' or 'all').")
+    return [series_checkpoint(out, step) for step in dict.fromkeys(steps)]
+
+
+def _checkpoint_name(checkpoint: Path) -> str:
+    try:
+        return str(checkpoint.resolve().relative_to(REPOSITORY_ROOT))
+    except ValueError:
+        return str(checkpoint)
+
+
+def measure_checkpoint(args, out: Path) -> None:
+    """Measure one checkpoint as ``args`` asks and append its row."""
+    manifest = json.loads((out / "manifest.json").read_text())
     started = time.time()
     if args.diagnose:
         diagnosed = diagnose(out, max_items=args.max_items)
         row = {"name": args.name, "steps": manifest.get("trained_steps"),
-               **{k: _format(v) for k, v in diagnosed.items()}, "seconds": round(time.time() - started)}
+               **{k: _format(v) for k, v in diagnosed.items()}, "seconds": round(time.time() - started),
+               "checkpoint": _checkpoint_name(out)}
         append_row(row, Path(args.diagnostics_table))
         print(json.dumps(row, indent=1))
         return
@@ -400,6 +448,8 @@ def main(argv=None) -> None:
     row = {"name": args.name, "config": json.dumps(PILOTS[args.name]), "steps": manifest.get("trained_steps"),
            "threads": manifest["train_config"]["threads"], "train_seconds": manifest.get("train_seconds"),
            **{k: _format(v) for k, v in measured.items()}, "measure_seconds": round(time.time() - started)}
+    if out.parent.name == "series":
+        row["checkpoint"] = _checkpoint_name(out)
     append_row(row, Path(args.table))
     print(json.dumps(row, indent=1))
 

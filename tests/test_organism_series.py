@@ -71,6 +71,24 @@ def test_series_and_resume_give_the_uninterrupted_weights(tmp_path, monkeypatch)
         organism_train.main(["--out", str(tmp_path / "empty"), *TINY, "--resume"])
 
 
+def test_pilots_cli_picks_series_checkpoints(tmp_path):
+    from dori_utils import pilots
+
+    for step in (250, 500, 750):
+        folder = organism_train.series_checkpoint(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text("{}")
+    organism_train.series_checkpoint(tmp_path, 1000).with_name("step-01000.partial").mkdir()
+    assert organism_train.series_steps(tmp_path) == [250, 500, 750]
+    assert pilots.checkpoints_to_measure(tmp_path, ["latest", "250", "750"]) == [
+        organism_train.series_checkpoint(tmp_path, s) for s in (750, 250)]
+    assert len(pilots.checkpoints_to_measure(tmp_path, ["all"])) == 3
+    with pytest.raises(SystemExit, match="kept steps are"):
+        pilots.checkpoints_to_measure(tmp_path, ["1000"])
+    with pytest.raises(SystemExit, match="--series-every"):
+        pilots.checkpoints_to_measure(tmp_path / "none", ["latest"])
+
+
 def test_combination_keys_leave_the_default_dataset_unchanged():
     shipped = json.loads(open("data/organism/manifest.json").read())
     options = {k: shipped["train_config"][k] for k in organism_data.DATASET_OPTIONS if k in shipped["train_config"]}
