@@ -136,3 +136,26 @@ def test_the_combination_keys_pilot_is_the_shipped_recipe_plus_the_lever():
     assert {k: v for k, v in config.items() if k != "combination_keys"} == \
         pilots.PILOTS["cross-attention-16-down-only-loose-captions"]
     assert pilots.describe_config(config).endswith("recombined in 24 other pairs each")
+
+
+def test_pilots_cli_diagnoses_series_checkpoints_into_rows_of_their_own(tmp_path, monkeypatch):
+    import csv
+
+    from dori_utils import pilots
+
+    name = "cross-attention-16-down-only-loose-captions-combination-keys"
+    for step in (250, 500):
+        folder = organism_train.series_checkpoint(tmp_path, step)
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"trained_steps": step}))
+    diagnosed = []
+    monkeypatch.setattr(pilots, "diagnose", lambda path, max_items=None: diagnosed.append(path) or {"mr": 1.0})
+    table = tmp_path / "diagnostics.csv"
+    pilots.main(["--name", name, "--out", str(tmp_path), "--measure-only", "--diagnose", "--threads", "1",
+                 "--series-step", "latest", "--series-step", "250", "--diagnostics-table", str(table)])
+    rows = list(csv.DictReader(table.open()))
+    assert diagnosed == [organism_train.series_checkpoint(tmp_path, s) for s in (500, 250)]
+    assert [(r["name"], r["steps"], r["mr"]) for r in rows] == [(name, "500", "1.000"), (name, "250", "1.000")]
+    assert rows[0]["checkpoint"].endswith("series/step-00500")
+    with pytest.raises(SystemExit, match="add --measure-only"):
+        pilots.main(["--name", name, "--out", str(tmp_path), "--series-step", "250"])
