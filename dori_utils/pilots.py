@@ -397,6 +397,11 @@ def main(argv=None) -> None:
         raise SystemExit("--series-step measures checkpoints that are already there: add --measure-only.")
     if not args.measure_only:
         train_organism(out, config, resume=args.resume)
+        trained = json.loads((out / "manifest.json").read_text()).get("trained_steps")
+        if trained != (config.stop_at or config.steps):  # stopped by a SIGTERM: measure the finished run only
+            print(f"Training stopped after step {trained} of {config.steps}; nothing measured. Continue it with "
+                  f"the same command and --resume.")
+            return
     torch.set_num_threads(args.threads)
     for checkpoint in checkpoints_to_measure(out, args.series_step):
         measure_checkpoint(args, checkpoint)

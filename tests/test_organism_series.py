@@ -159,3 +159,16 @@ def test_pilots_cli_diagnoses_series_checkpoints_into_rows_of_their_own(tmp_path
     assert rows[0]["checkpoint"].endswith("series/step-00500")
     with pytest.raises(SystemExit, match="add --measure-only"):
         pilots.main(["--name", name, "--out", str(tmp_path), "--series-step", "250"])
+
+
+def test_a_pilot_stopped_before_its_last_step_is_not_measured(tmp_path, monkeypatch, capsys):
+    from dori_utils import pilots
+
+    def stopped_training(out, config, resume=False):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.json").write_text(json.dumps({"trained_steps": 7}))
+
+    monkeypatch.setattr(pilots, "train_organism", stopped_training)
+    monkeypatch.setattr(pilots, "measure", lambda *a, **k: pytest.fail("measured a stopped run"))
+    pilots.main(["--name", "control", "--out", str(tmp_path / "run"), "--steps", "10", "--threads", "1"])
+    assert "stopped after step 7 of 10" in capsys.readouterr().out
