@@ -45,6 +45,9 @@ from dori_utils.results import REPOSITORY_ROOT
 
 EVAL_SEEDS = [10, 11]
 PILOT_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilots.csv"
+# The pilot numbers of checkpoints part of the way through a training (series checkpoints, a stopped run): kept
+# out of PILOT_TABLE, whose rows chapter 0 shows as finished pilots.
+PILOT_SERIES_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilot-series.csv"
 DIAGNOSTICS_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilot-diagnostics.csv"
 
 # One lever each, against the shipped recipe ("control"); the issue lists them most promising first.
@@ -377,7 +380,9 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=None, help="checkpoint folder (default: pilots/<name> under the results)")
     parser.add_argument("--measure-only", action="store_true", help="measure the checkpoint in --out, do not train")
-    parser.add_argument("--table", default=str(PILOT_TABLE))
+    parser.add_argument("--table", default=None,
+                        help=f"where the pilot numbers go (default: {PILOT_TABLE.name}, or {PILOT_SERIES_TABLE.name} "
+                             "for series checkpoints)")
     parser.add_argument("--diagnose", action="store_true",
                         help="measure the diagnostics (see diagnose) instead of the pilot numbers, into "
                              "--diagnostics-table; with --measure-only, of the checkpoint already in --out")
@@ -453,9 +458,10 @@ def measure_checkpoint(args, out: Path) -> None:
     row = {"name": args.name, "config": json.dumps(PILOTS[args.name]), "steps": manifest.get("trained_steps"),
            "threads": manifest["train_config"]["threads"], "train_seconds": manifest.get("train_seconds"),
            **{k: _format(v) for k, v in measured.items()}, "measure_seconds": round(time.time() - started)}
-    if out.parent.name == "series":
+    series = out.parent.name == "series"
+    if series:
         row["checkpoint"] = _checkpoint_name(out)
-    append_row(row, Path(args.table))
+    append_row(row, Path(args.table or (PILOT_SERIES_TABLE if series else PILOT_TABLE)))
     print(json.dumps(row, indent=1))
 
 

@@ -172,3 +172,17 @@ def test_a_pilot_stopped_before_its_last_step_is_not_measured(tmp_path, monkeypa
     monkeypatch.setattr(pilots, "measure", lambda *a, **k: pytest.fail("measured a stopped run"))
     pilots.main(["--name", "control", "--out", str(tmp_path / "run"), "--steps", "10", "--threads", "1"])
     assert "stopped after step 7 of 10" in capsys.readouterr().out
+
+
+def test_pilot_numbers_of_series_checkpoints_stay_out_of_the_pilot_table(tmp_path, monkeypatch):
+    from dori_utils import pilots
+
+    folder = organism_train.series_checkpoint(tmp_path, 250)
+    folder.mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps({"trained_steps": 250, "train_config": {"threads": 1}}))
+    appended = []
+    monkeypatch.setattr(pilots, "measure", lambda path: {"mr": 1.0})
+    monkeypatch.setattr(pilots, "append_row", lambda row, table: appended.append((row["steps"], table)))
+    pilots.main(["--name", "control", "--out", str(tmp_path), "--measure-only", "--series-step", "250",
+                 "--threads", "1"])
+    assert appended == [(250, pilots.PILOT_SERIES_TABLE)] and pilots.PILOT_SERIES_TABLE != pilots.PILOT_TABLE
