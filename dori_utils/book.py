@@ -369,12 +369,18 @@ def execute_chapter(chapter: Path, output: Path, parameters: dict, kernel: str =
         replace_file(work, output)
         return output
 
+    def interrupted() -> ChapterFailed:
+        return ChapterFailed(chapter, f"Interrupted during {chapter}; {output} is unchanged; partial outputs in "
+                                      f"{keep_partial()}.", interrupted=True)
+
     started = time.perf_counter()
     try:
         papermill.execute_notebook(nb, str(work), parameters=parameters, kernel_name=kernel,
                                    cwd=str(chapter.parent), request_save_on_cell_execute=True,
                                    progress_bar=progress, start_timeout=start_timeout)
     except PapermillExecutionError as error:
+        if error.ename == "KeyboardInterrupt":  # Ctrl-C reached the kernel before this process: still an interrupt
+            raise interrupted() from None
         cells = [c for c in nbformat.read(work, as_version=4).cells
                  if ERROR_MARKER_TAG not in c.metadata.get("tags", [])]
         injected = sum(INJECTED_TAG in c.metadata.get("tags", []) for c in cells[: error.cell_index])
@@ -385,9 +391,7 @@ def execute_chapter(chapter: Path, output: Path, parameters: dict, kernel: str =
             f"{_excerpt(error.source)}\n{error.ename}: {error.evalue}\n"
             f"Partial outputs saved in {kept}.")) from None
     except KeyboardInterrupt:
-        kept = keep_partial()
-        raise ChapterFailed(chapter, f"Interrupted during {chapter}; {output} is unchanged; partial outputs in "
-                                     f"{kept}.", interrupted=True) from None
+        raise interrupted() from None
     finally:
         for key, value in saved_env.items():
             if value is None:

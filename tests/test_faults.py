@@ -335,3 +335,15 @@ def test_a_kill_while_the_notebook_is_written_leaves_the_committed_one(tmp_path,
     assert book.run_book(root, "organism", build=False, progress=False) == 130
     assert git_status(root) == ""
     nbformat.read(root / "chapters" / "00_slow.ipynb", as_version=4)  # still whole
+
+
+def test_an_interrupt_that_reaches_the_kernel_first_is_still_an_interrupt(tmp_path, capsys):
+    """Ctrl-C signals the whole process group: when the kernel gets it first, papermill reports a cell error,
+    which must not count as a failed chapter (its timing would overwrite the committed one's)."""
+    chapter = notebook(code(PARAMETERS, tags=["parameters"]), code("raise KeyboardInterrupt"))
+    root = make_book(tmp_path / "book", {"00_ctrl_c": chapter})
+    before = (root / "chapters" / "00_ctrl_c.ipynb").read_text()
+    assert book.run_book(root, "organism", build=False, progress=False) == 130
+    assert "INTERRUPTED" in capsys.readouterr().err
+    assert (root / "chapters" / "00_ctrl_c.ipynb").read_text() == before
+    assert not (root / "results" / "timings-organism.json").exists()
