@@ -441,10 +441,10 @@ def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
     done = [e["seconds"] for e in chapters.values() if e["status"] == "ok"]
     record = {"profile": profile, "machine": machine_info(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "total_seconds": round(sum(done), 1), "chapters": sorted(chapters.values(), key=lambda e: e["order"])}
+    from dori_utils.results import write_text_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- commands

@@ -32,12 +32,17 @@ def results_dir(backend_name: str, root: str | Path | None = None, smoke: bool =
 PROVENANCE_KEY = "_provenance"
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` in one rename from a temporary file of this process's own (two writers never share one)."""
+def write_atomic(path: Path, write) -> None:
+    """Replace ``path`` in one rename: ``write(temporary_path)`` fills a file of this writer's own beside it (two
+    writers never share one, and a killed write leaves only a stray ``.tmp``)."""
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as file:
-        file.write(text)
+    os.close(handle)
+    write(partial)
     os.replace(partial, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda partial: Path(partial).write_text(text))
 
 
 class ResultLog:
@@ -188,12 +193,8 @@ def cached(cache_dir: str | Path, name: str, params: dict, compute):
             warnings.warn(f"Cache entry {path} could not be read ({error}); recomputing it.", stacklevel=2)
     check_writable(path.parent)
     value = compute()
-    # The key travels inside the payload, and each writer renames its own temporary file into place: two processes
-    # filling the same entry both succeed (the last rename wins), and a killed write leaves only a stray .tmp.
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    torch.save({"params": params, "value": value}, partial)
-    os.replace(partial, path)
+    # The key travels inside the payload; two processes filling the same entry both succeed (the last rename wins).
+    write_atomic(path, lambda partial: torch.save({"params": params, "value": value}, partial))
     sidecar = {"name": name, "params": json.loads(json.dumps(params, default=str)), "dori_utils": _package_version(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
