@@ -34,3 +34,23 @@ def test_pilot_map_counts_the_pilots_that_meet_the_targets():
     assert fig.axes[0].get_title().endswith("1 of 3 meet the targets")
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][1] == "1: MR 0.2 (below the MR bar)"
     plt.close(fig)
+
+
+def _shown_px(fig, text, column_px: float = 750) -> float:
+    """A text's height in screen pixels where the book shrinks the figure to its column at 1280 px."""
+    width_px = fig.get_size_inches()[0] * fig.dpi
+    return text.get_fontsize() * fig.dpi / 72 * min(1.0, column_px / width_px)
+
+
+def test_image_grid_labels_stay_readable_and_apart_however_many_columns():
+    for n_cols in (3, 7, 9, 12):
+        images = [[np.zeros((8, 8, 3)) for _ in range(n_cols)] for _ in range(2)]
+        labels = ["training image", *(f"Wanda 10% + Dori seed {j}" for j in range(n_cols - 1))]
+        fig = plots.image_grid(images, ["astronaut", "cat"], labels, captions=[["0.93"] * n_cols] * 2,
+                               title="a title")
+        texts = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label) if t.get_text()]
+        assert min(_shown_px(fig, t) for t in texts) >= 9, n_cols
+        renderer = fig.canvas.get_renderer()
+        titles = sorted((ax.title.get_window_extent(renderer) for ax in fig.axes[:n_cols]), key=lambda b: b.x0)
+        assert all(left.x1 <= right.x0 for left, right in zip(titles, titles[1:])), f"{n_cols} columns overlap"
+        plt.close(fig)
