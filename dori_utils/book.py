@@ -54,9 +54,11 @@ import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -447,6 +449,27 @@ def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")
 
 
+class _SigintRecorder:
+    """Notes that Ctrl-C arrived (and raises KeyboardInterrupt as Python does), so that a chapter failure the kernel
+    reports after it, whatever its name, counts as the interrupt and not as a failed chapter. Only the main thread
+    can install it; elsewhere it records nothing."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
 # --------------------------------------------------------------------------------------------- commands
 
 def run_book(root: Path, profile: str = "organism", patterns: list[str] | None = None, build: bool = True,
@@ -475,6 +498,7 @@ def run_book(root: Path, profile: str = "organism", patterns: list[str] | None =
     entries, timings = [], root / "results" / f"timings-{profile}.json"
     bar = tqdm(chapters, desc=f"chapters ({profile})", unit="chapter", disable=not progress, position=0)
     failure, finished = None, []
+    sigint = _SigintRecorder()
     try:
         for chapter in bar:
             rel = chapter.relative_to(root)
@@ -487,6 +511,8 @@ def run_book(root: Path, profile: str = "organism", patterns: list[str] | None =
                 seconds = execute_chapter(chapter, output, parameters, kernel=kernel, progress=progress,
                                           results=results, scratch=scratch / "notebooks")
             except ChapterFailed as error:
+                # after a Ctrl-C any failure is the interrupt's doing, whatever the kernel reported first
+                error.interrupted = error.interrupted or sigint.received
                 failure = error
                 if not error.interrupted:
                     entries.append({**entry, "status": "failed", "seconds": None})
@@ -499,8 +525,10 @@ def run_book(root: Path, profile: str = "organism", patterns: list[str] | None =
             tqdm.write(f"  {rel.as_posix():<48} {seconds:7.1f} s")
     except KeyboardInterrupt:
         failure = ChapterFailed(chapter, "Interrupted between chapters.", interrupted=True)
+    finally:
+        sigint.restore()
     bar.close()
-    if entries:
+    if failure is not None and not failure.interrupted:  # finished chapters were recorded as they finished
         write_timings(timings, profile, entries)
     total = sum(e["seconds"] or 0 for e in entries)
     if failure:

@@ -311,7 +311,7 @@ def test_an_interrupted_run_changes_no_committed_file(tmp_path, signal_):
     process = start_run(root, tmp_path, sleep=30)
     os.killpg(process.pid, signal_)
     _, err = process.communicate(timeout=60)
-    assert git_status(root) == ""
+    assert git_status(root) == "", err
     if signal_ == signal.SIGINT:
         assert process.returncode == 130
         assert "INTERRUPTED" in err and "00_slow.ipynb is unchanged" in err and "Finished and kept: none" in err
