@@ -4,7 +4,9 @@ Pure functions over embeddings, activations and pruning selections; the chapters
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -40,31 +42,47 @@ def project_2d(points: np.ndarray, method: str = "umap", seed: int = 0) -> np.nd
     raise ValueError(f"Unknown projection {method!r}; use 'umap' or 'tsne'")
 
 
+ACTIVATION_LAYERS = ("nemo", "cross_attention", "wanda")
+
+
+def activation_layers(unet, layers: str) -> tuple[list[str], Callable]:
+    """The modules of one layer set, in forward order, and the hook that captures them:
+
+    - ``"nemo"``: the outputs of the down/mid ``attn2.to_v``, where NeMo blocks neurons. They read the text
+      embedding alone, so they are the same at every timestep and for every image being denoised;
+    - ``"cross_attention"``: the outputs of those same blocks' ``attn2``, where the image's queries meet the
+      text's values, so they depend on the noise, the timestep and the text;
+    - ``"wanda"``: the inputs of every ``ff.net.2``, whose weights Wanda prunes.
+    """
+    if layers == "nemo":
+        return nemo.value_layers(unet), hooks.capture_outputs
+    if layers == "cross_attention":
+        return [name.removesuffix(".to_v") for name in nemo.value_layers(unet)], hooks.capture_outputs
+    if layers == "wanda":
+        return wanda.ff_layers(unet), hooks.capture_inputs
+    raise ValueError(f"layers must be one of {ACTIVATION_LAYERS}, got {layers!r}")
+
+
 @torch.no_grad()
 def layer_activations(backend, embeddings: torch.Tensor, method: str, seed: int = 0, timestep: int | None = None,
-                      batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """Activations in the layers a pruning method acts on, at one fixed noise and timestep, per embedding.
-
-    ``method="nemo"``: outputs of the down/mid ``attn2.to_v`` (N x tokens x width);
-    ``method="wanda"``: inputs of every ``ff.net.2`` (N x pixels x 4*width). Conditional branch only.
-    """
-    if method == "nemo":
-        layers, capture = nemo.value_layers(backend.unet), hooks.capture_outputs
-    elif method == "wanda":
-        layers, capture = wanda.ff_layers(backend.unet), hooks.capture_inputs
-    else:
-        raise ValueError(f"method must be 'nemo' or 'wanda', got {method!r}")
+                      batch_size: int = 32, blocked: dict[str, list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Activations of one layer set (``method``, see :func:`activation_layers`) at one fixed noise and timestep,
+    per embedding (N x positions x width), conditional branch only, with ``blocked`` NeMo neurons switched off
+    (the pruned model the triggers were found in) where given."""
+    layers, capture = activation_layers(backend.unet, method)
     if timestep is None:
         backend.scheduler.set_timesteps(backend.num_inference_steps)
         timestep = int(backend.scheduler.timesteps[0])
     collected: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
-    for start in range(0, len(embeddings), batch_size):
-        chunk = embeddings[start : start + batch_size].to(backend.device, backend.dtype)
-        x = initial_noise(backend, [seed]).expand(len(chunk), -1, -1, -1)
-        with capture(backend.unet, layers) as records:
-            backend.unet(x, timestep, chunk)
-        for name in layers:
-            collected[name].append(torch.cat(records[name]).float().cpu())
+    pruning = nemo.block(backend, blocked) if blocked else contextlib.nullcontext()
+    with pruning:
+        for start in range(0, len(embeddings), batch_size):
+            chunk = embeddings[start : start + batch_size].to(backend.device, backend.dtype)
+            x = initial_noise(backend, [seed]).expand(len(chunk), -1, -1, -1)
+            with capture(backend.unet, layers) as records:
+                backend.unet(x, timestep, chunk)
+            for name in layers:
+                collected[name].append(torch.cat(records[name]).float().cpu())
     return {name: torch.cat(parts) for name, parts in collected.items()}
 
 
@@ -251,15 +269,18 @@ def spread_summary(triggers: TriggerSet, distances: dict[str, torch.Tensor]) -> 
 # ------------------------------------------------------------------- chapter 3: what triggers of one image activate
 
 def activation_divergence(backend, embeddings: dict[str, torch.Tensor], top_share: float = 0.1,
-                          timestep: int | None = None) -> tuple[dict, dict]:
-    """For NeMo's and Wanda's layers: the mean pairwise activation distance per layer for each set of embeddings
-    (a DataFrame per method, rows "1: down_blocks.2" ..., one column per set), and the mean IoU of each
-    embedding's top ``top_share`` most active channels (a dict per method: set -> IoU)."""
+                          timestep: int | None = None, blocked: dict[str, list[int]] | None = None,
+                          layer_sets: tuple[str, ...] = ACTIVATION_LAYERS) -> tuple[dict, dict]:
+    """For each layer set (see :func:`activation_layers`): the mean pairwise activation distance per layer for
+    each set of embeddings (a DataFrame per layer set, rows "1: down_blocks.2" ..., one column per set of
+    embeddings), and the mean IoU of each embedding's top ``top_share`` most active channels (a dict per layer
+    set: set of embeddings -> IoU). ``blocked``: NeMo neurons switched off throughout."""
     import pandas as pd
 
     discrepancy, top_overlap = {}, {}
-    for method in ("nemo", "wanda"):
-        acts = {name: layer_activations(backend, e, method, timestep=timestep) for name, e in embeddings.items()}
+    for method in layer_sets:
+        acts = {name: layer_activations(backend, e, method, timestep=timestep, blocked=blocked)
+                for name, e in embeddings.items()}
         frame = pd.DataFrame({name: mean_pairwise_distance(a) for name, a in acts.items()})
         frame.index = [f"{i + 1}: {layer.split('.attentions')[0]}" for i, layer in enumerate(frame.index)]
         discrepancy[method] = frame
@@ -268,6 +289,15 @@ def activation_divergence(backend, embeddings: dict[str, torch.Tensor], top_shar
         top_overlap[method] = {name: float(np.mean([pairwise_iou(sets)[0] for sets in top_neurons(a, k).values()]))
                                for name, a in acts.items()}
     return discrepancy, top_overlap
+
+
+def layers_diverging(adv, mem) -> tuple[int, int]:
+    """In how many layers the triggers of one image diverge at least as much as different memorized prompts
+    (Y_adv >= Y_mem), and of how many layers."""
+    adv, mem = np.asarray(adv, dtype=float), np.asarray(mem, dtype=float)
+    if adv.shape != mem.shape or adv.size == 0 or not np.isfinite(adv).all() or not np.isfinite(mem).all():
+        raise ValueError(f"need two finite per-layer series of one length, got {adv.tolist()} and {mem.tolist()}")
+    return int((adv >= mem).sum()), int(adv.size)
 
 
 def discrepancy_ratio(adv, mem) -> float:
@@ -326,7 +356,26 @@ def transfer_scores(backend, item, nemo_results: list, embeddings: torch.Tensor,
 
 
 def off_diagonal_stopped_share(scores: np.ndarray, threshold: float) -> float:
-    """Share of (i, j != i) pairs whose score is under the replication threshold."""
+    """Share of (i, j != i) pairs whose score is at or under the replication threshold (not a replication)."""
     if scores.shape[0] != scores.shape[1] or len(scores) < 2:
         raise ValueError(f"need a square matrix of at least 2 x 2, got {scores.shape}")
-    return float((scores[~np.eye(len(scores), dtype=bool)] < threshold).mean())
+    return float((scores[~np.eye(len(scores), dtype=bool)] <= threshold).mean())
+
+
+def transfer_summary(scores: np.ndarray, threshold: float) -> dict:
+    """What a transfer matrix (see :func:`transfer_scores`) says. The diagonal first: whether each trigger's own
+    NeMo selection stops that trigger at all. Transfer is only a test of locality for the rows where it does, so
+    ``effective_stopped_share`` is the off-diagonal share stopped over those rows (None where no row stops its
+    own trigger); ``stopped_share`` is over every row."""
+    scores = np.asarray(scores, dtype=float)
+    stopped_share = off_diagonal_stopped_share(scores, threshold)
+    if not np.isfinite(scores).all():
+        raise ValueError("the transfer scores hold NaN or infinite values: check the generations")
+    diagonal = np.diag(scores)
+    own = diagonal <= threshold
+    off = ~np.eye(len(scores), dtype=bool)
+    effective = off & own[:, None]
+    return {"diagonal": diagonal.tolist(), "diagonal_min": float(diagonal.min()), "diagonal_max": float(diagonal.max()),
+            "n": len(scores), "own_stopped": int(own.sum()),
+            "stopped_share": stopped_share,
+            "effective_stopped_share": float((scores[effective] <= threshold).mean()) if own.any() else None}

@@ -87,6 +87,9 @@ class Backend:
     # Images that depict their prompts exactly, where the data are synthetic: they validate the utility measure.
     draw_prompts: Callable[[list[str]], torch.Tensor] | None = None
     never_seen_items: Callable[[], list[MemorizedItem]] = list  # images outside the training data: the attack's control
+    # images seen in training but not duplicated, in a fixed mixed order: the paper's control (LAION images that SD
+    # saw and did not memorize)
+    seen_once_items: Callable[[], list[MemorizedItem]] = list
     template_items: Callable[[], list[MemorizedItem]] = list  # template-memorized (TM) items, all variants as references
     training_samples: Callable[[], list] | None = None  # the training pairs, where the book has them
     training_recipe: dict | None = None  # how the training set was built (sizes, shares), where the book built it

@@ -22,22 +22,24 @@ from dori_utils.analysis import TriggerSet, collect_triggers
 from dori_utils.attack import AttackResult
 from dori_utils.backends import Backend
 from dori_utils.evaluation import ItemEvaluation, evaluate_items
-from dori_utils.metrics import memorization_rate
+from dori_utils.metrics import median_score, memorization_rate
 
 
 @dataclass(frozen=True)
 class SharedConfig:
     n_statistics: int = 3000  # ordinary prompts for NeMo's activation statistics (NeMo on SD: 50,000)
     n_calibration: int = 100  # ordinary prompts that calibrate NeMo's threshold
-    n_items: int = 3  # memorized items attacked for the triggers (the first of the backend's list)
+    n_items: int = 3  # memorized items attacked for the triggers: the first of those NeMo hides (choose_items)
     n_random: int = 6  # random starts per item (the paper: 100)
     n_prompt_starts: int = 2  # non-memorized prompts used as starts, per item
     attack_steps: int = 50  # the paper's budget
     eval_seeds: tuple[int, ...] = (20, 21)  # seeds that judge whether a trigger replicates
+    hidden_seeds: tuple[int, ...] = (10, 11)  # chapter 1's seeds, which judge whether NeMo hides an item
 
 
 SMOKE_SIZES = {"n_statistics": 64, "n_calibration": 8, "n_items": 2, "n_random": 2, "n_prompt_starts": 1,
-               "attack_steps": 3, "eval_seeds": (20,)}
+               "attack_steps": 3, "eval_seeds": (20,),
+               "hidden_seeds": (10,)}
 
 
 def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedConfig:
@@ -47,8 +49,9 @@ def shared_config(smoke: bool = False, overrides: dict | None = None) -> SharedC
     if unknown:
         raise ValueError(f"Unknown shared settings {sorted(unknown)}; the settings are "
                          f"{[f.name for f in dataclasses.fields(SharedConfig)]}")
-    if "eval_seeds" in overrides:
-        overrides["eval_seeds"] = tuple(overrides["eval_seeds"])
+    for seeds in ("eval_seeds", "hidden_seeds"):
+        if seeds in overrides:
+            overrides[seeds] = tuple(overrides[seeds])
     return dataclasses.replace(SharedConfig(), **{**(SMOKE_SIZES if smoke else {}), **overrides})
 
 
@@ -128,6 +131,21 @@ def seen_caption_utility(backend: Backend, n: int, seed: int = 4) -> tuple[float
     return backend.utility(generate_for_prompts(backend, prompts, [0]).images, prompts), len(prompts)
 
 
+def memorization_checks(mr: float, margin: float, heldout: str, aucs: dict[str, float],
+                        attribute_accuracy: float | None = None) -> dict[str, bool]:
+    """Chapter 0: is this a model that memorizes the way the paper's does? The memorized prompts replicate (MR at
+    least 0.9), nothing else does (``margin``: the threshold minus the highest score of any other generation),
+    Wen's detector separates them from each control (AUC at least 0.95, as on SD), and, where the backend measures
+    it, held-out captions keep their attributes (at least 0.7)."""
+    checks = {f"MR of memorized prompts >= 0.9 ({mr:.1f})": mr >= 0.9,
+              f"no generation of {heldout} or of another memorized caption reaches the threshold (margin "
+              f"{margin:.2f})": margin > 0,
+              **{f"Wen AUC >= 0.95 vs {label} ({auc:.2f})": auc >= 0.95 for label, auc in aucs.items()}}
+    if attribute_accuracy is not None:
+        checks[f"attribute accuracy on held-out captions >= 0.7 ({attribute_accuracy:.2f})"] = attribute_accuracy >= 0.7
+    return checks
+
+
 def first_sampling_step(backend: Backend) -> tuple[int, float]:
     """The sampler's first timestep and the share of a training image's signal that survives there
     (sqrt of alpha-bar): sampling starts from pure noise, so this should be about zero."""
@@ -169,10 +187,13 @@ class LocalityTest:
     def checks(self) -> dict[str, bool]:
         summary = self.summary()
         replicating = [k for k in self.needed if k > 0]
-        return {f"z-order blocking stops every replicating photograph ({summary['stopped']} of "
-                f"{summary['replicating']})": summary["stopped"] == summary["replicating"],
-                "a few neurons (under 10% of the value neurons) stop each one":
-                    all(k < 0.1 * self.n_value for k in replicating)}
+        # Only "a few" is a claim: blocking every value neuron leaves no text path, so "blocking stops it" alone
+        # could not fail.
+        shares = [k / self.n_value for k in replicating]
+        return {f"a few neurons (under 10% of the value neurons) stop each replicating photograph (z-order "
+                f"shares {min(shares, default=float('nan')):.0%}-{max(shares, default=float('nan')):.0%}, "
+                f"{summary['stopped']} of {summary['replicating']} stopped)":
+                    bool(shares) and all(share < 0.1 for share in shares)}
 
 
 def locality_test(backend: Backend, neurons: nemo.NeuronSearch, prompts: list[str], unblocked: torch.Tensor,
@@ -204,8 +225,54 @@ def locality_test(backend: Backend, neurons: nemo.NeuronSearch, prompts: list[st
 
 
 @dataclass
+class ItemSelection:
+    """Which memorized items chapters 2-4 attack, and why: the paper studies images that pruning hid, so the
+    first ``n_items`` of those NeMo hides; where it hides none, the first ``n_items`` of the backend's list."""
+
+    hidden: list[str]  # items whose median score under their own NeMo neurons is at most the threshold
+    chosen: list[str]
+    n_memorized: int
+    seeds: tuple[int, ...]
+
+    def summary(self) -> dict:
+        return {"hidden": ", ".join(self.hidden) or "none", "n_hidden": len(self.hidden),
+                "chosen": ", ".join(self.chosen), "n_chosen": len(self.chosen), "n_memorized": self.n_memorized}
+
+    def describe(self) -> str:
+        how = (f"median replication score over seeds {', '.join(map(str, self.seeds))} under the item's own "
+               f"neurons at or below the threshold, as in chapter 1")
+        if not self.hidden:
+            return (f"NeMo hides none of the {self.n_memorized} memorized images ({how}), so the attacked images "
+                    f"are the first {len(self.chosen)}, which replicate under NeMo: {', '.join(self.chosen)}")
+        return (f"NeMo hides {len(self.hidden)} of the {self.n_memorized} memorized images ({how}): "
+                f"{', '.join(self.hidden)}; the attacked images are the first {len(self.chosen)} of them: "
+                f"{', '.join(self.chosen)}")
+
+
+def choose_items(backend: Backend, config: SharedConfig, neurons: nemo.NeuronSearch) -> tuple[list, ItemSelection]:
+    """The items chapters 2-4 attack (see :class:`ItemSelection`), from ``neurons``, NeMo's result for every
+    memorized item of the backend: each item generated from its prompt under its own neurons, as chapter 1
+    measures NeMo."""
+    items = backend.memorized
+    if len(neurons.per_item) != len(items):
+        raise ValueError(f"choose_items needs NeMo's result for all {len(items)} memorized items, got "
+                         f"{len(neurons.per_item)}: pass nemo_neurons(backend, config)")
+    params = {**nemo.cache_key(backend, items, config.n_statistics, config.n_calibration),
+              "seeds": list(config.hidden_seeds)}
+    scores = results.cached(
+        results.results_dir(backend.name) / "cache", "nemo-hidden", params,
+        lambda: evaluate_items(backend, list(config.hidden_seeds), items=items,
+                               row_context=nemo.per_item_blocking(backend, neurons.per_item)).scores)
+    hidden = [item for item, score in zip(items, median_score(scores).tolist())
+              if score <= backend.replication_threshold]
+    chosen = (hidden or items)[: config.n_items]
+    return chosen, ItemSelection([item.id for item in hidden], [item.id for item in chosen], len(items),
+                                 config.hidden_seeds)
+
+
+@dataclass
 class TriggerExperiment:
-    """The triggers of chapters 2-4: each of the first ``n_items`` images attacked under its own NeMo neurons from
+    """The triggers of chapters 2-4: each chosen image (``selection``) attacked under its own NeMo neurons from
     random starts and from non-memorized prompts."""
 
     backend: Backend
@@ -213,18 +280,28 @@ class TriggerExperiment:
     items: list
     neurons: nemo.NeuronSearch  # NeMo's statistics, threshold and one result per attacked item
     triggers: TriggerSet
+    selection: ItemSelection
 
     @property
     def localized(self) -> list:
         return self.neurons.per_item
+
+    def neurons_of(self, item_id: str) -> dict[str, list[int]]:
+        """The NeMo neurons blocked for one attacked item: the pruned model its triggers were found in."""
+        ids = [item.id for item in self.items]
+        if item_id not in ids:
+            raise KeyError(f"{item_id!r} was not attacked; the attacked items are {ids}")
+        return self.neurons.per_item[ids.index(item_id)].neurons
 
 
 def trigger_experiment(backend: Backend, config: SharedConfig, progress: bool = True) -> TriggerExperiment:
     """Find (or load from the cache) the triggers of chapters 2-4."""
     if not backend.memorized:
         raise ValueError(f"The {backend.name} backend has no memorized items to attack; check its max_items.")
-    items = backend.memorized[: config.n_items]
-    neurons = nemo_neurons(backend, config, items, progress)
+    every_item = nemo_neurons(backend, config, progress=progress)
+    items, selection = choose_items(backend, config, every_item)
+    by_id = dict(zip((item.id for item in backend.memorized), every_item.per_item))
+    neurons = nemo.NeuronSearch(every_item.statistics, every_item.threshold, [by_id[item.id] for item in items])
     start_prompts = sample_prompts(backend, "nonmemorized", config.n_prompt_starts, seed=0)
     params = {**nemo.cache_key(backend, items, config.n_statistics, config.n_calibration),
               "n_random": config.n_random, "start_prompts": start_prompts,
@@ -233,14 +310,14 @@ def trigger_experiment(backend: Backend, config: SharedConfig, progress: bool = 
         results.results_dir(backend.name) / "cache", "triggers", params,
         lambda: collect_triggers(backend, items, nemo.per_item_blocking(backend, neurons.per_item), config.n_random,
                                  start_prompts, config.attack_steps, config.eval_seeds, progress=progress))
-    return TriggerExperiment(backend, config, items, neurons, triggers)
+    return TriggerExperiment(backend, config, items, neurons, triggers, selection)
 
 
 def describe_triggers(experiment: TriggerExperiment) -> str:
     triggers = experiment.triggers
-    return (f"{len(triggers.triggers)} triggers for {len(experiment.items)} memorized items "
-            f"({triggers.replicates.sum().item()} replicate under NeMo's blocking); random starts drawn with "
-            f"s = {experiment.backend.embedding_spread}")
+    return (f"{experiment.selection.describe()}.\n{len(triggers.triggers)} triggers for {len(experiment.items)} "
+            f"memorized items ({triggers.replicates.sum().item()} replicate under NeMo's blocking); random starts "
+            f"drawn with s = {experiment.backend.embedding_spread}")
 
 
 def triggers_of_one_image(experiment: TriggerExperiment, limit: int | None = None):
@@ -272,6 +349,70 @@ def trigger_generations(experiment: TriggerExperiment, per_item: int = 6, seed: 
     return rows, captions
 
 
+# Claim checks of chapters 2-4: each states the paper's direction and prints NO where the numbers go against it.
+
+def spread_checks(spread: dict) -> dict[str, bool]:
+    """Chapter 2 (``analysis.spread_summary``): triggers of one image lie further apart than two unrelated
+    prompts (the paper: larger), and each stays nearer its own start than the memorized prompt."""
+    medians = spread["median_distances"]
+    return {f"triggers of one image lie further apart than two unrelated prompts (median ratio "
+            f"{spread['ratio_to_unrelated']:.2f}; the paper: larger than 1)": spread["ratio_to_unrelated"] > 1,
+            f"triggers stay nearer their start than the memorized prompt (median distances "
+            f"{medians['trigger to its start']:.1f} and {medians['trigger to its memorized prompt']:.1f})":
+                medians["trigger to its start"] < medians["trigger to its memorized prompt"]}
+
+
+LAYER_SET_NAMES = {"nemo": "NeMo's value layers (attn2.to_v outputs)",
+                   "cross_attention": "the cross-attention layers (attn2 outputs)",
+                   "wanda": "Wanda's layers (ff.net.2 inputs)"}
+
+
+def divergence_checks(discrepancy: dict, paper_rows: dict) -> dict[str, bool]:
+    """Chapter 3, the paper's direction: in every layer, the triggers of one image diverge at least as much as
+    different memorized prompts (Y_adv >= Y_mem). ``discrepancy``: layer set -> DataFrame with columns Y_adv and
+    Y_mem; ``paper_rows``: layer set -> (Y_adv, Y_mem) series read from the paper's figure, where it has them.
+    Each line gives the paper's count beside ours (in Wanda's layers the paper itself has Y_adv below Y_mem in
+    most layers)."""
+    from dori_utils.analysis import layers_diverging
+
+    checks = {}
+    for layers, frame in discrepancy.items():
+        ours, n = layers_diverging(frame["Y_adv"], frame["Y_mem"])
+        paper_count = ("the paper: {} of {}".format(*layers_diverging(*paper_rows[layers])) if layers in paper_rows
+                       else "not measured in the paper")
+        checks[f"Y_adv >= Y_mem in each of {LAYER_SET_NAMES.get(layers, layers)}: {ours} of {n} "
+               f"({paper_count})"] = ours == n
+    return checks
+
+
+def selection_checks(iou_by_set: dict, transfer: dict, threshold: float, bar: float = 0.6) -> dict[str, bool | None]:
+    """Chapter 4: Wanda's selections for triggers of one image overlap less than ``bar`` on average (the paper:
+    below 0.6 in most layers); and, where a trigger's own NeMo selection stops it (the diagonal of
+    ``analysis.transfer_summary``), that selection stops fewer than half of the other triggers. Where no
+    selection stops its own trigger, transfer cannot test locality: ``None``, said in the line."""
+    wanda_iou = iou_by_set[("wanda", "Y_adv")]
+    checks = {f"Wanda's selections for triggers of one image overlap less than {bar} on average (IoU "
+              f"{wanda_iou:.2f})": wanda_iou < bar}
+    own, n = transfer["own_stopped"], transfer["n"]
+    label = "a trigger's own NeMo selection, where it stops that trigger, stops fewer than half of the others"
+    if transfer["effective_stopped_share"] is None:
+        checks[f"{label}: not testable, no trigger's own selection stops it (scores {transfer['diagonal_min']:.2f}-"
+               f"{transfer['diagonal_max']:.2f}, threshold {threshold})"] = None
+    else:
+        share = transfer["effective_stopped_share"]
+        checks[f"{label} ({own} of {n} stop their own; those stop {share:.0%} of the others)"] = share < 0.5
+    return checks
+
+
+def nemo_flagging_rate(backend: Backend, neurons: nemo.NeuronSearch, prompts: list[str]) -> float:
+    """The share of ``prompts`` that NeMo's detection flags as memorized, with ``neurons``' threshold at NeMo's
+    timestep: the base rate beside the triggers it flags."""
+    if not prompts:
+        raise ValueError("nemo_flagging_rate needs at least one prompt")
+    embeddings = backend.encode_prompts(prompts)
+    return float(np.mean([nemo.detect(backend, e[None], neurons.threshold).memorized for e in embeddings]))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Chapter 1: pruning and the attack
 # ------------------------------------------------------------------------------------------------------------
@@ -282,10 +423,10 @@ def wanda_setting(sparsity: float) -> str:
 
 
 def pruning_settings(sparsities: list[float]) -> list[str]:
-    """The rows of chapter 1's table, in the paper's order: the baselines, the never-seen control, then each
-    pruning without and with the attack."""
+    """The rows of chapter 1's table, in the paper's order: the baselines, the controls (the paper's, then the
+    never-seen images it does not have), then each pruning without and with the attack."""
     prunings = ["NeMo", *(wanda_setting(s) for s in sparsities)]
-    return ["memorized prompts", "non-memorized prompts", "non-memorized prompts + Dori",
+    return ["memorized prompts", *(f"{control}{suffix}" for control in CONTROL_SETTINGS for suffix in ("", " + Dori")),
             *(f"{name}{suffix}" for name in prunings for suffix in ("", " + Dori"))]
 
 
@@ -318,18 +459,25 @@ def _first_references(items) -> torch.Tensor:
     return torch.cat([item.references[:1] for item in items])
 
 
-def never_seen_control(backend: Backend, seeds: list[int], n: int, steps: int = 50,
-                       seed: int = 1) -> dict[str, ItemEvaluation]:
-    """The paper's control: ``n`` images the model never saw, generated from their captions, then attacked with
-    the same budget as the memorized ones (the attack should not paint them). Empty where the backend has no
-    never-seen images."""
-    controls = backend.never_seen_items()[:n]
-    if not controls:
-        return {}
-    captions = backend.encode_prompts([control.prompt for control in controls])
-    found = attack.dori_attack(backend, _first_references(controls), captions, steps=steps, seed=seed)
-    return {"non-memorized prompts": evaluate_items(backend, seeds, captions, items=controls),
-            "non-memorized prompts + Dori": evaluate_items(backend, seeds, found.embeddings, items=controls)}
+CONTROL_SETTINGS = {"non-memorized prompts": "images seen once in training", "never-seen images": "never-seen images"}
+
+
+def non_memorized_controls(backend: Backend, seeds: list[int], n: int, steps: int = 50,
+                           seed: int = 1) -> dict[str, ItemEvaluation]:
+    """The attack's controls, each generated from its caption and then attacked with the memorized items' budget
+    (the attack should not paint them): ``n`` images the model saw in training without memorizing them
+    (``backend.seen_once_items``: the paper's "non-memorized prompts", LAION images SD saw), and ``n`` images it
+    never saw (``backend.never_seen_items``). A kind the backend does not have is left out."""
+    rows = {}
+    for setting, controls in (("non-memorized prompts", backend.seen_once_items()[:n]),
+                              ("never-seen images", backend.never_seen_items()[:n])):
+        if not controls:
+            continue
+        captions = backend.encode_prompts([control.prompt for control in controls])
+        found = attack.dori_attack(backend, _first_references(controls), captions, steps=steps, seed=seed)
+        rows[setting] = evaluate_items(backend, seeds, captions, items=controls)
+        rows[f"{setting} + Dori"] = evaluate_items(backend, seeds, found.embeddings, items=controls)
+    return rows
 
 
 def nemo_attack(backend: Backend, items, neurons: nemo.NeuronSearch, seeds: list[int], steps: int = 50,
@@ -383,18 +531,32 @@ def mr_by_attack_step(backend: Backend, run: PrunedAttack, steps: tuple[int, ...
     return [memorization_rate(scores[step], backend.replication_threshold) for step in steps]
 
 
-def nemo_items(items, neurons: nemo.NeuronSearch) -> list[dict]:
-    """Per item, what NeMo found: whether detection flagged it, its scores, and the neurons it selected (the
-    blocking scores only where it was flagged)."""
+def nemo_items(items, neurons: nemo.NeuronSearch, pruned: ItemEvaluation | None = None) -> list[dict]:
+    """Per item, what NeMo found: whether detection flagged it, its scores, the neurons it selected, and whether
+    its own blocking test passed at NeMo's threshold or only at the relaxed one (NeMo's fallback: when no θ level
+    gets under the threshold, the last score becomes the refinement threshold). With ``pruned`` (the items
+    generated under their own neurons), beside it the median replication score and whether the image is hidden."""
     rows = []
-    for item, found in zip(items, neurons.per_item):
+    for i, (item, found) in enumerate(zip(items, neurons.per_item)):
         flagged = found.memorized
-        rows.append({"item": item.id, "flagged": flagged, "detection score": found.unblocked_score,
-                     "seeds kept": len(found.kept_seeds),
-                     "neurons (initial)": sum(map(len, found.initial_neurons.values())),
-                     "neurons (refined)": found.count, "blocking score": found.refined_score if flagged else None,
-                     "refinement threshold": found.refinement_threshold if flagged else None})
+        row = {"item": item.id, "flagged": flagged, "detection score": found.unblocked_score,
+               "seeds kept": len(found.kept_seeds),
+               "neurons (initial)": sum(map(len, found.initial_neurons.values())),
+               "neurons (refined)": found.count, "blocking score": found.refined_score if flagged else None,
+               "refinement threshold": found.refinement_threshold if flagged else None,
+               "NeMo's test passed": flagged and found.refined_score <= neurons.threshold}
+        if pruned is not None:
+            score = median_score(pruned.scores[i : i + 1]).item()
+            row.update({"median score under NeMo": score, "hidden": score <= pruned.threshold})
+        rows.append(row)
     return rows
+
+
+def nemo_hidden_counts(rows: list[dict]) -> dict:
+    """From :func:`nemo_items` rows made with the pruned evaluation: how many items NeMo's own test passed for, how
+    many images are hidden, and for how many both hold."""
+    return {"n_hidden": sum(row["hidden"] for row in rows), "n_passed": sum(row["NeMo's test passed"] for row in rows),
+            "n_passed_and_hidden": sum(row["hidden"] and row["NeMo's test passed"] for row in rows)}
 
 
 def nemo_summary(items, neurons: nemo.NeuronSearch) -> dict:
@@ -464,22 +626,26 @@ def utility_under_pruning(backend: Backend, prompts: list[str], neurons: nemo.Ne
     return utility
 
 
-def pruning_claim_checks(recorded: dict, sparsity: float) -> dict[str, bool]:
+def pruning_claim_checks(recorded: dict, sparsity: float) -> dict[str, bool | None]:
     """The paper's first claim, part by part, on chapter 1's recorded summaries (keyed by setting): each pruning
-    lowers MR, and the attack raises it again; and, where the control ran, the attack does not make a never-seen
-    image replicate."""
+    lowers MR, and the attack raises it again; and, for each control that ran, the attack does not make its images
+    replicate (the paper: MR 0.00 for images SD saw without memorizing them)."""
     mr = {setting: summary["mr"] for setting, summary in recorded.items()
           if isinstance(summary, dict) and "mr" in summary}
     wanda_name = wanda_setting(sparsity)
-    checks = {f"NeMo lowers MR ({mr['memorized prompts']:.1f} -> {mr['NeMo']:.1f})":
-                  mr["NeMo"] < mr["memorized prompts"],
-              f"Dori recovers after NeMo (MR {mr['NeMo + Dori']:.1f})": mr["NeMo + Dori"] > mr["NeMo"],
-              f"{wanda_name} lowers MR ({mr[wanda_name]:.1f})": mr[wanda_name] < mr["memorized prompts"],
-              f"Dori recovers after {wanda_name} (MR {mr[f'{wanda_name} + Dori']:.1f})":
-                  mr[f"{wanda_name} + Dori"] > mr[wanda_name]}
-    if "non-memorized prompts + Dori" in mr:
-        control = mr["non-memorized prompts + Dori"]
-        checks[f"the attack fails on never-seen images (MR {control:.1f})"] = control < 0.5
+    checks = {}
+    for pruning in ("NeMo", wanda_name):
+        lowers = mr[pruning] < mr["memorized prompts"]
+        checks[f"{pruning} lowers MR ({mr['memorized prompts']:.1f} -> {mr[pruning]:.1f})"] = lowers
+        # recovery only means something where the pruning hid something
+        recovery = (f"Dori recovers after {pruning} (MR {mr[f'{pruning} + Dori']:.1f})" if lowers
+                    else f"Dori recovers after {pruning}: not testable, {pruning} did not lower MR")
+        checks[recovery] = mr[f"{pruning} + Dori"] > mr[pruning] if lowers else None
+    for control, label in CONTROL_SETTINGS.items():
+        if f"{control} + Dori" in mr:
+            attacked = mr[f"{control} + Dori"]
+            checks[f"the attack does not bring back {label} (MR {attacked:.2f} after the attack, at most 0.25; "
+                   f"the paper: 0.00)"] = attacked <= 0.25
     return checks
 
 
@@ -494,7 +660,8 @@ class FinetuningPlan:
 
     seeds: list[int]  # evaluation seeds
     max_items: int | None  # memorized items fine-tuned against
-    surrogate_levels: list  # [Wanda sparsity, all value neurons blocked], mildest first
+    surrogate_source: str  # "transformed" (the training image mirrored, flipped or rotated) or "pruned" (the paper's)
+    surrogate_levels: list  # "pruned": [Wanda sparsity, all value neurons blocked], mildest first
     surrogate_max_score: float
     surrogate_seeds: list[int]
     n_pairs: int  # L_DM pairs
@@ -514,7 +681,11 @@ FINETUNING_SMOKE_SIZES = {"max_items": 2, "n_pairs": 64, "n_utility": 8, "eval_a
                           "epochs": 1, "steps_per_epoch": 2, "attack_steps": 2, "dm_batch": 4, "adv_batch": 4}
 
 
-def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_levels, surrogate_max_score, surrogate_seeds,
+SURROGATE_SOURCES = ("transformed", "pruned")
+
+
+def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_source, surrogate_levels, surrogate_max_score,
+                    surrogate_seeds,
                     n_pairs, n_utility, eval_attack_steps, eval_attack_seed, eval_random_items,
                     **finetune_settings) -> FinetuningPlan:
     """The chapter's parameters as one plan; ``finetune_settings`` are :class:`~dori_utils.finetune.FinetuneConfig`
@@ -527,8 +698,10 @@ def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_levels, surrogat
     if smoke:
         seeds, surrogate_seeds = list(seeds)[:1], list(surrogate_seeds)[:2]
         sizes.update(FINETUNING_SMOKE_SIZES)
+    if surrogate_source not in SURROGATE_SOURCES:
+        raise ValueError(f"SURROGATES must be one of {SURROGATE_SOURCES}, got {surrogate_source!r}")
     plan = {key: sizes.pop(key) for key in ("max_items", "n_pairs", "n_utility", "eval_attack_steps")}
-    return FinetuningPlan(list(seeds), surrogate_levels=[list(level) for level in surrogate_levels],
+    return FinetuningPlan(list(seeds), surrogate_source=surrogate_source, surrogate_levels=[list(level) for level in surrogate_levels],
                           surrogate_max_score=surrogate_max_score, surrogate_seeds=list(surrogate_seeds),
                           eval_attack_seed=eval_attack_seed, eval_random_items=eval_random_items,
                           finetune=FinetuneConfig(**sizes), **plan)
@@ -540,10 +713,13 @@ def pruning_level_name(sparsity: float, block_values: bool) -> str:
 
 
 def chapter_surrogates(backend: Backend, items, plan: FinetuningPlan):
-    """``finetune.pruned_surrogates`` for the plan's levels and seeds, cached under ``results/<backend>/cache``
-    (keyed by the UNet's weights, so a retrained model draws new ones)."""
+    """The plan's surrogates: ``finetune.transformed_surrogates``, or ``finetune.pruned_surrogates`` for the plan's
+    levels and seeds, cached under ``results/<backend>/cache`` (keyed by the UNet's weights, so a retrained model
+    draws new ones)."""
     from dori_utils import finetune
 
+    if plan.surrogate_source == "transformed":
+        return finetune.transformed_surrogates(backend, items, plan.surrogate_max_score)
     params = {"model": finetune.weights_fingerprint(backend.unet), "items": [item.id for item in items],
               "levels": plan.surrogate_levels, "seeds": plan.surrogate_seeds, "max_score": plan.surrogate_max_score}
     return results.cached(results.results_dir(backend.name) / "cache", "surrogates", params,
@@ -551,26 +727,23 @@ def chapter_surrogates(backend: Backend, items, plan: FinetuningPlan):
                                                              plan.surrogate_seeds, plan.surrogate_max_score))
 
 
-def surrogate_summary(surrogates, levels) -> dict:
-    """What the prose says about the surrogates: which level drew how many, and how many stay above the ceiling
-    and above the replication threshold."""
-    names = [pruning_level_name(*level) for level in levels]
+def surrogate_summary(surrogates) -> dict:
+    """What the prose says about the surrogates: how each was made and how many, their scores, and how many stay
+    above the ceiling and above the replication threshold."""
     scores = surrogates.scores
-    return {"n_items": len(scores), "pruning": list(surrogates.pruning), "seeds": list(surrogates.seeds),
-            "scores": scores.tolist(), "mean_score": scores.mean().item(), "max_score": scores.max().item(),
-            "ceiling": surrogates.max_score, "threshold": surrogates.threshold,
-            "level_counts": {name: surrogates.pruning.count(name) for name in names},
-            "n_mildest": surrogates.pruning.count(names[0]), "n_strongest": surrogates.pruning.count(names[-1]),
+    return {"n_items": len(scores), "source": list(surrogates.source), "seeds": list(surrogates.seeds),
+            "scores": scores.tolist(), "mean_score": scores.mean().item(), "min_score": scores.min().item(),
+            "max_score": scores.max().item(), "ceiling": surrogates.max_score, "threshold": surrogates.threshold,
+            "source_counts": {name: surrogates.source.count(name) for name in dict.fromkeys(surrogates.source)},
+            "sources": ", ".join(f"{name} ({surrogates.source.count(name)})" for name in dict.fromkeys(surrogates.source)),
             "n_above_ceiling": int((scores > surrogates.max_score).sum()),
             "n_above_threshold": int((scores > surrogates.threshold).sum())}
 
 
-def surrogate_grid(items, surrogates, levels) -> dict:
+def surrogate_grid(items, surrogates) -> dict:
     """``plots.image_grid`` arguments: the training images above their surrogates, each captioned with its
-    replication score and the pruning level (1: the mildest) that drew it."""
-    names = [pruning_level_name(*level) for level in levels]
-    captions = [f"{score:.2f}, level {names.index(pruning) + 1}"
-                for score, pruning in zip(surrogates.scores.tolist(), surrogates.pruning)]
+    replication score and how it was made."""
+    captions = [f"{score:.2f}, {source}" for score, source in zip(surrogates.scores.tolist(), surrogates.source)]
     return {"rows": [[item.references[0] for item in items], list(surrogates.images)],
             "row_labels": ["training image", "surrogate"], "col_labels": [item.id for item in items],
             "captions": [[""] * len(items), captions]}
@@ -772,6 +945,30 @@ def utility_of_models(models: dict, prompts: list[str], seed: int = 0) -> tuple[
     return images, {name: original.utility(generated, prompts) for name, generated in images.items()}
 
 
+def utility_drops(original: Backend, images: dict, prompts: list[str]) -> dict[str, dict]:
+    """Per model besides the original: its utility on ``prompts`` and the mean per-caption drop from the original
+    model's (same prompts, same seed), with the standard error of that paired drop, so that a drop is read against
+    its noise."""
+    if original.utility is None:
+        raise ValueError(f"The {original.name} backend has no utility measure.")
+    if len(prompts) < 2:
+        raise ValueError("utility_drops needs at least two prompts to estimate the noise of a drop")
+    per_caption = {name: np.array([original.utility(image[None], [prompt]) for image, prompt in zip(generated, prompts)])
+                   for name, generated in images.items()}
+    base = per_caption[ORIGINAL_MODEL]
+    return {name: {"utility": float(values.mean()), "drop": float((base - values).mean()),
+                   "se": float((base - values).std(ddof=1) / np.sqrt(len(values)))}
+            for name, values in per_caption.items() if name != ORIGINAL_MODEL}
+
+
+def utility_drop_table(drops: dict, utility: dict, utility_name: str) -> pd.DataFrame:
+    """:func:`utility_drops` as the chapter shows it, one row per fine-tuned model, the original model's utility in
+    the column header."""
+    return pd.DataFrame(drops).T.rename(columns={
+        "utility": utility_name, "drop": f"drop from the original ({utility[ORIGINAL_MODEL]:.2f})",
+        "se": "standard error of the drop"})
+
+
 def describe_fresh_attack(fresh: FreshAttack, chapter1: dict) -> str:
     """The MR lines above the claim checks: the original model from the prompt, each model under the fresh
     attack from each kind of start, and chapter 1's pruning baselines."""
@@ -790,8 +987,9 @@ def describe_fresh_attack(fresh: FreshAttack, chapter1: dict) -> str:
 def finetuning_checks(fresh: FreshAttack, surrogates, chapter1: dict, utility: dict | None = None,
                       utility_name: str = "utility", margin: float = 0.1) -> dict[str, bool]:
     """Chapter 5's claims: the surrogates are no copies, adversarial fine-tuning stops the fresh attack (MR at most
-    ``margin``) from both kinds of start and beats NeMo + Dori (where chapter 1 ran), whether the ablation and the
-    control do as well, and (where the backend measures it) whether each fine-tuning keeps the utility."""
+    ``margin``) from both kinds of start and beats NeMo + Dori (where chapter 1 ran), it beats the ablation and the
+    control (the attack in the loop is what works), and (where the backend measures it) each fine-tuning keeps the
+    utility."""
     adversarial, prompt_only, ldm_only = FINETUNE_VARIANTS
     starts = {"prompt": "the prompt", "random": f"fresh random starts ({fresh.n_random} items)"}
     checks = {"no surrogate is a replication": surrogates.all_below_threshold,
@@ -801,10 +999,13 @@ def finetuning_checks(fresh: FreshAttack, surrogates, chapter1: dict, utility: d
     if "NeMo + Dori" in chapter1:
         checks["adversarial fine-tuning + Dori beats NeMo + Dori"] = (
             fresh.mr(adversarial, "prompt") < round(chapter1["NeMo + Dori"]["mr"], 2))
-    checks[f"the prompt-only ablation does as well (MR within {margin}, both starts)"] = all(
-        fresh.mr(prompt_only, start) <= fresh.mr(adversarial, start) + margin for start in starts)
-    checks[f"continued training on ordinary pairs alone (L_DM only) does as well from the prompt (MR within {margin})"] = (
-        fresh.mr(ldm_only, "prompt") <= fresh.mr(adversarial, "prompt") + margin)
+    # The paper's direction: the attack in the loop is what makes the fix (lower MR than without it, by more
+    # than the margin, from at least one kind of start), not fine-tuning as such or forgetting.
+    checks[f"adversarial fine-tuning beats the prompt-only ablation (MR lower by more than {margin}, from the prompt "
+           f"or from random starts)"] = any(
+        fresh.mr(prompt_only, start) > fresh.mr(adversarial, start) + margin for start in starts)
+    checks[f"adversarial fine-tuning beats continued training on ordinary pairs alone (L_DM only) from the prompt "
+           f"(MR lower by more than {margin})"] = fresh.mr(ldm_only, "prompt") > fresh.mr(adversarial, "prompt") + margin
     for name in FINETUNE_VARIANTS if utility else ():
         checks[f"{name} keeps {utility_name} within {margin}"] = utility[ORIGINAL_MODEL] - utility[name] <= margin
     return checks

@@ -8,7 +8,10 @@ The recipe, per memorized image x_mem:
    check that no surrogate is itself a replication. ``pruned_surrogates`` escalates the pruning for the items
    whose surrogate is still above the ceiling: Wanda's global mask at 10%, then 30%, then 50% with all of NeMo's
    value neurons blocked too. Each item gets the mildest pruning that draws a non-copy (the organism's
-   memorization survives Wanda 10%, and even 50%, for some images).
+   memorization survives Wanda 10%, and even 50%, for some images). Where no pruning draws a non-copy that keeps
+   the image's content (the organism: it draws a copy or a grey frame), ``transformed_surrogates`` makes the
+   surrogate from the training image itself by a rigid transform (mirrored, upside down, rotated): the same content
+   in other pixels, by construction. This is the book's adaptation, not the paper's recipe.
 2. **Each epoch** (``adversarial_finetune``): run the Dori attack against the *current* model towards x_mem to
    collect triggers per image: ``triggers_per_item`` embeddings, of which ``random_starts`` start from
    N(0, s^2 I) (s = the backend's embedding spread) and the rest from the original prompt. The random starts are
@@ -83,7 +86,7 @@ class Surrogates:
     candidate_scores: torch.Tensor  # N x S: every candidate's score (under the pruning that was kept)
     threshold: float  # the backend's replication threshold
     max_score: float  # the score a surrogate had to stay under
-    pruning: list[str] = field(default_factory=list)  # which pruning drew each surrogate
+    source: list[str] = field(default_factory=list)  # how each surrogate was made: the pruning, or the transform
 
     @property
     def all_below_threshold(self) -> bool:
@@ -156,12 +159,42 @@ def pruned_surrogates(backend, items, levels=SURROGATE_LEVELS, seeds=(0, 1, 2), 
             for j, i in enumerate(remaining):
                 if part.scores[j] <= max_score or part.scores[j] < chosen.scores[i]:
                     chosen.images[i], chosen.scores[i] = part.images[j], part.scores[j]
-                    chosen.candidate_scores[i], chosen.seeds[i], chosen.pruning[i] = (
-                        part.candidate_scores[j], part.seeds[j], part.pruning[j])
+                    chosen.candidate_scores[i], chosen.seeds[i], chosen.source[i] = (
+                        part.candidate_scores[j], part.seeds[j], part.source[j])
         remaining = [i for i in range(len(items)) if chosen.scores[i] > max_score]
         if not remaining:
             break
     return chosen
+
+
+SURROGATE_TRANSFORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "mirrored": lambda image: image.flip(-1),
+    "upside down": lambda image: image.flip(-2),
+    "rotated 90°": lambda image: image.rot90(1, (-2, -1)),
+    "rotated 180°": lambda image: image.rot90(2, (-2, -1)),
+}
+
+
+def transformed_surrogates(backend, items, max_score: float | None = None) -> Surrogates:
+    """Surrogates made from each item's first training image by a rigid transform (``SURROGATE_TRANSFORMS``): the
+    same content in other pixels. Of the transforms, the one most similar to the training images while scoring at
+    most ``max_score`` (default: the replication threshold) is kept; where none does, the least similar one
+    (``all_below_max`` is then false). Square images only (a rotation must keep the shape)."""
+    threshold = backend.replication_threshold
+    max_score = threshold if max_score is None else max_score
+    references = [item.references[:1] for item in items]
+    if any(r.shape[-1] != r.shape[-2] for r in references):
+        raise ValueError("transformed_surrogates needs square training images: a rotation must keep the shape")
+    candidates = torch.stack([torch.cat([transform(r) for transform in SURROGATE_TRANSFORMS.values()])
+                              for r in references])  # N x T x 3 x H x W
+    scores = torch.stack([best_reference_score(backend.replication_score, candidates[i], item.references)
+                          for i, item in enumerate(items)])
+    under = scores <= max_score
+    best = torch.where(under.any(dim=1), scores.masked_fill(~under, -float("inf")).argmax(dim=1), scores.argmin(dim=1))
+    index = torch.arange(len(items))
+    names = list(SURROGATE_TRANSFORMS)
+    return Surrogates(candidates[index, best], scores[index, best], [None] * len(items), scores, threshold, max_score,
+                      [names[b] for b in best.tolist()])
 
 
 # --------------------------------------------------------------------------------------------- L_DM data

@@ -136,10 +136,11 @@ def glue_numbers() -> list[str]:
     return glue_named([(glue_key(["paper", *key.split(".")]), entry.value) for key, entry in NUMBERS.items()])
 
 
-def print_checks(title: str, checks: dict[str, bool]) -> None:
-    """Every chapter's claim checks, one line each: ``yes`` or ``NO`` and the claim (with its numbers)."""
+def print_checks(title: str, checks: dict[str, bool | None]) -> None:
+    """Every chapter's claim checks, one line each: ``yes`` or ``NO`` and the claim (with its numbers); ``n/a``
+    where this run cannot test the claim (the check says why)."""
     if not checks:
         raise ValueError("print_checks needs at least one check")
     print(title)
     for claim, holds in checks.items():
-        print(f"{'yes' if holds else 'NO '}  {claim}")
+        print(f"{'n/a' if holds is None else 'yes' if holds else 'NO '}  {claim}")

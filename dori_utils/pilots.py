@@ -223,13 +223,6 @@ def noisy_embeddings(embeddings: torch.Tensor, scale: float, generator: torch.Ge
     return embeddings + (noise * std).to(embeddings.device, embeddings.dtype)
 
 
-def ff_zeroed(backend):
-    """Context manager: every ``ff.net.2`` weight is zero while it is open and restored exactly afterwards
-    (``wanda.prune`` with masks that keep nothing)."""
-    modules = hooks.modules_by_name(backend.unet, wanda.ff_layers(backend.unet))
-    return wanda.prune(backend, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in modules.items()})
-
-
 def value_channel_peaks(backend, prompts: list[str]) -> list[float]:
     """Per NeMo value layer, in forward order: the largest channel's mean |``to_v`` output| over ``prompts``,
     divided by the median channel's (1 for flat channels; SD v1.4's first four layers: 6.7-17.2)."""
@@ -251,7 +244,7 @@ def diagnose(path: str | Path, n_ordinary: int = 200, n_unseen: int | None = Non
       (Somepalli et al.'s mitigation; one draw per caption, numpy generator seeded with ``seed``);
     - ``embedding_noise_mr``: MR with Gaussian noise of about ``noise_scale`` times each token's norm on the caption
       embedding (``noisy_embeddings``; one draw per caption, torch generator seeded with ``seed``);
-    - ``ff_zeroed_mr``: MR with every ``ff.net.2`` weight zeroed (``ff_zeroed``);
+    - ``ff_zeroed_mr``: MR with every ``ff.net.2`` weight zeroed (``wanda.prune_everything``);
     - ``to_v_max_median``: per NeMo value layer in forward order (``nemo.value_layers``), the max/median ratio over
       channels of the mean |``to_v`` output| over ``n_ordinary`` training scene captions drawn with ``seed``;
     - ``unseen_landing_share``: the share of generations of the unseen natural captions (the first ``n_unseen``
@@ -285,7 +278,7 @@ def diagnose(path: str | Path, n_ordinary: int = 200, n_unseen: int | None = Non
     row["inserted_words_mr"] = mr([insert_random_words(c, vocabulary, rng, n_inserted) for c in captions])
     noisy = noisy_embeddings(embeddings, noise_scale, torch.Generator().manual_seed(seed))
     row["embedding_noise_mr"] = mr(caption_embeddings=noisy)
-    row["ff_zeroed_mr"] = mr(caption_embeddings=embeddings, context=ff_zeroed(backend))
+    row["ff_zeroed_mr"] = mr(caption_embeddings=embeddings, context=wanda.prune_everything(backend))
 
     pool = backend.prompt_sets["training_ordinary"]
     ordinary = list(np.random.default_rng(seed).choice(pool, min(n_ordinary, len(pool)), replace=False))

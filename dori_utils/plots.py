@@ -249,19 +249,26 @@ def distance_distributions(distances: dict[str, "torch.Tensor"]):
     return fig
 
 
-_METHOD_LAYERS = {"nemo": "NeMo (attn2.to_v outputs)", "wanda": "Wanda (ff.net.2 inputs)"}
+_METHOD_LAYERS = {"nemo": "NeMo (attn2.to_v outputs)", "cross_attention": "cross-attention (attn2 outputs)",
+                  "wanda": "Wanda (ff.net.2 inputs)"}
 _SETS = {"Y_adv": "Y_adv: triggers of one image", "Y_mem": "Y_mem: different memorized prompts"}
 
 
 def discrepancy_beside_paper(discrepancy: dict, paper_rows: dict):
     """Activation discrepancy per layer, Y_adv beside Y_mem: ours (left, one row per method) and the paper's
-    (right, hatched: read from its plot). ``paper_rows[method] = (Y_adv values, Y_mem values)``."""
+    (right, hatched: read from its plot). ``paper_rows[method] = (Y_adv values, Y_mem values)``; a layer set the
+    paper did not measure has an empty right panel that says so."""
     fig, axes = plt.subplots(len(discrepancy), 2, figsize=(8, 3.2 * len(discrepancy) + 0.6), squeeze=False)
     for row, (method, frame) in enumerate(discrepancy.items()):
-        for ax, values, labels, source in (
-                (axes[row][0], (frame["Y_adv"], frame["Y_mem"]), list(frame.index), "organism (ours)"),
-                (axes[row][1], paper_rows[method], [str(i + 1) for i in range(len(paper_rows[method][0]))],
-                 "paper, SD v1.4 (approximate, read from a plot)")):
+        panels = [(axes[row][0], (frame["Y_adv"], frame["Y_mem"]), list(frame.index), "organism (ours)")]
+        if method in paper_rows:
+            panels.append((axes[row][1], paper_rows[method], [str(i + 1) for i in range(len(paper_rows[method][0]))],
+                           "paper, SD v1.4 (approximate, read from a plot)"))
+        else:
+            axes[row][1].axis("off")
+            axes[row][1].text(0.5, 0.5, f"The paper does not measure\n{_METHOD_LAYERS[method]}", ha="center",
+                              va="center", transform=axes[row][1].transAxes)
+        for ax, values, labels, source in panels:
             x = np.arange(len(labels))
             hatch = {"hatch": "//", "edgecolor": "white"} if ax is axes[row][1] else {}
             ax.bar(x - 0.2, values[0], 0.4, color=OKABE_ITO[0], label=_SETS["Y_adv"], **hatch)

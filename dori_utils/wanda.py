@@ -115,6 +115,13 @@ def prune(backend, masks: dict[str, torch.Tensor]) -> contextlib.AbstractContext
     return hooks.masked_weights(backend.unet, masks)
 
 
+def prune_everything(backend) -> contextlib.AbstractContextManager:
+    """Context manager: every ``ff.net.2`` weight is zero while it is open, the limit of Wanda's pruning (a model
+    whose memorization needs its feed-forward output layers loses it here; one that does not keeps it)."""
+    modules = hooks.modules_by_name(backend.unet, ff_layers(backend.unet))
+    return prune(backend, {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in modules.items()})
+
+
 def pruned_share(masks: dict[str, torch.Tensor]) -> float:
     """Share of the ff.net.2 weights that a mask set zeroes."""
     return sum(m.sum().item() for m in masks.values()) / sum(m.numel() for m in masks.values())

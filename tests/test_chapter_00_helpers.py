@@ -86,7 +86,7 @@ def test_the_locality_test_reports_every_item_and_checks_its_claims(tiny_backend
     assert set(locality.utility) == {"unblocked", "one item's neurons blocked"}
     summary = locality.summary()
     assert summary["replicating"] == sum(k > 0 for k in locality.needed)
-    assert len(locality.checks()) == 2
+    assert len(locality.checks()) == 1
 
 
 def test_the_first_sampling_step_is_pure_noise_on_the_organism(tiny_backend):

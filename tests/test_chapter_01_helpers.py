@@ -41,11 +41,11 @@ def _search(results, threshold=0.8):
 def test_setting_names_follow_the_papers_table():
     assert experiments.wanda_setting(0.01) == "Wanda 1%" and experiments.wanda_setting(0.1) == "Wanda 10%"
     settings = experiments.pruning_settings([0.01, 0.1])
-    assert settings[:5] == ["memorized prompts", "non-memorized prompts", "non-memorized prompts + Dori", "NeMo",
-                            "NeMo + Dori"]
-    assert settings[5:] == ["Wanda 1%", "Wanda 1% + Dori", "Wanda 10%", "Wanda 10% + Dori"]
-    # every setting with a paper row finds it
-    assert all(f"{s}.mr" in paper.NUMBERS for s in settings if s != "Wanda 10%")
+    assert settings[:7] == ["memorized prompts", "non-memorized prompts", "non-memorized prompts + Dori",
+                            "never-seen images", "never-seen images + Dori", "NeMo", "NeMo + Dori"]
+    assert settings[7:] == ["Wanda 1%", "Wanda 1% + Dori", "Wanda 10%", "Wanda 10% + Dori"]
+    # every setting with a paper row finds it; the never-seen control is ours alone
+    assert all(f"{s}.mr" in paper.NUMBERS for s in settings if s != "Wanda 10%" and not s.startswith("never"))
 
 
 def test_pruned_attack_applies_its_pruning_afresh_and_names_its_rows(generator):
@@ -77,6 +77,13 @@ def test_nemo_items_and_summary_count_flagged_prompts_and_the_blocking_test():
                       _nemo_result({"a": [2, 5]}, True, 0.7)])
     rows = experiments.nemo_items(items, search)
     assert [r["neurons (refined)"] for r in rows] == [4, 0, 2]
+    assert [r["NeMo's test passed"] for r in rows] == [False, False, True] and "hidden" not in rows[0]
+    # beside NeMo's own test, whether each image is hidden under its neurons (median score at most the threshold)
+    pruned = _evaluation([[0.2, 0.4], [0.9, 0.9], [0.9, 0.7]], threshold=0.5)
+    rows = experiments.nemo_items(items, search, pruned)
+    assert [r["hidden"] for r in rows] == [True, False, False]
+    assert [r["median score under NeMo"] for r in rows] == pytest.approx([0.3, 0.9, 0.8])
+    assert experiments.nemo_hidden_counts(rows) == {"n_hidden": 1, "n_passed": 1, "n_passed_and_hidden": 0}
     assert rows[1]["blocking score"] is None and rows[2]["blocking score"] == pytest.approx(0.7)
     summary = experiments.nemo_summary(items, search)
     assert (summary["n_flagged"], summary["not_flagged"], summary["value_neurons"]) == (2, "rocket", 20)
@@ -106,20 +113,38 @@ def test_claim_checks_follow_the_recorded_mr_and_include_the_control_only_where_
     recorded = {"memorized prompts": {"mr": 1.0}, "NeMo": {"mr": 0.2}, "NeMo + Dori": {"mr": 0.9},
                 "Wanda 1%": {"mr": 1.0}, "Wanda 1% + Dori": {"mr": 1.0}, "nemo_threshold": 0.8}
     checks = experiments.pruning_claim_checks(recorded, 0.01)
-    assert list(checks.values()) == [True, True, False, False]
+    # Wanda did not lower MR, so whether Dori recovers after it cannot be tested, and the line says so
+    assert list(checks.values()) == [True, True, False, None]
     assert "NeMo lowers MR (1.0 -> 0.2)" in checks
+    assert "Dori recovers after Wanda 1%: not testable, Wanda 1% did not lower MR" in checks
+    against = experiments.pruning_claim_checks({**recorded, "NeMo + Dori": {"mr": 0.2}, "Wanda 1%": {"mr": 0.0}}, 0.01)
+    assert list(against.values()) == [True, False, True, True]
     recorded["non-memorized prompts + Dori"] = {"mr": 0.0}
+    recorded["never-seen images + Dori"] = {"mr": 0.5}
     checks = experiments.pruning_claim_checks(recorded, 0.01)
-    assert checks["the attack fails on never-seen images (MR 0.0)"] is True
+    assert list(checks.values())[4:] == [True, False]
+    assert ("the attack does not bring back images seen once in training (MR 0.00 after the attack, at most 0.25; "
+            "the paper: 0.00)") in checks
 
 
-def test_never_seen_control_is_empty_without_such_images_and_attacks_them_otherwise(tiny_backend):
-    without = dataclasses.replace(tiny_backend, never_seen_items=list)
-    assert experiments.never_seen_control(without, [0], 2, steps=1) == {}
-    with_one = dataclasses.replace(tiny_backend, never_seen_items=lambda: tiny_backend.memorized[:1])
-    control = experiments.never_seen_control(with_one, [0, 1], 2, steps=1)
+def test_the_controls_attack_seen_and_never_seen_images_and_skip_a_kind_the_backend_lacks(tiny_backend):
+    without = dataclasses.replace(tiny_backend, never_seen_items=list, seen_once_items=list)
+    assert experiments.non_memorized_controls(without, [0], 2, steps=1) == {}
+    only_seen = dataclasses.replace(without, seen_once_items=lambda: tiny_backend.memorized[:3])
+    control = experiments.non_memorized_controls(only_seen, [0, 1], 2, steps=1)
     assert list(control) == ["non-memorized prompts", "non-memorized prompts + Dori"]
-    assert all(evaluation.scores.shape == (1, 2) for evaluation in control.values())
+    assert all(evaluation.scores.shape == (2, 2) for evaluation in control.values())
+    both = dataclasses.replace(only_seen, never_seen_items=lambda: tiny_backend.memorized[:1])
+    assert list(experiments.non_memorized_controls(both, [0], 2, steps=1)) == [
+        "non-memorized prompts", "non-memorized prompts + Dori", "never-seen images", "never-seen images + Dori"]
+
+
+def test_the_organism_offers_seen_once_photographs_as_controls(tiny_backend):
+    seen = tiny_backend.seen_once_items()
+    assert seen and len({item.id for item in seen}) == len(seen)
+    assert all(item.references.shape[0] == 1 and item.reference_source == "seen once in training" for item in seen)
+    training = {sample.caption for sample in tiny_backend.training_samples() if sample.kind == "natural"}
+    assert all(item.prompt in training for item in seen)
 
 
 def test_nemo_and_wanda_attacks_run_under_their_pruning_and_keep_snapshots(tiny_backend):

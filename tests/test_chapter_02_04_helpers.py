@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dori_utils import analysis, experiments, paper, plots
+from dori_utils import analysis, experiments, nemo, paper, plots
 from dori_utils.analysis import TriggerSet
 
 
@@ -113,8 +113,73 @@ def test_activation_divergence_gives_one_row_per_layer_and_identical_embeddings_
     same = embedding.expand(3, -1, -1)
     varied = same + torch.randn(same.shape, generator=generator)
     discrepancy, top_overlap = analysis.activation_divergence(tiny_backend, {"Y_adv": same, "Y_mem": varied})
-    assert len(discrepancy["nemo"]) == 3 and len(discrepancy["wanda"]) == 7
-    assert (discrepancy["nemo"]["Y_adv"] < 1e-4).all() and (discrepancy["nemo"]["Y_mem"] > 1e-3).all()
+    assert list(discrepancy) == ["nemo", "cross_attention", "wanda"]
+    assert len(discrepancy["nemo"]) == len(discrepancy["cross_attention"]) == 3 and len(discrepancy["wanda"]) == 7
+    for layers in discrepancy:
+        assert (discrepancy[layers]["Y_adv"] < 1e-4).all() and (discrepancy[layers]["Y_mem"] > 1e-3).all()
     assert top_overlap["nemo"]["Y_adv"] == 1.0
-    figure = plots.discrepancy_beside_paper(discrepancy, {m: ([1] * 7, [2] * 7) for m in discrepancy})
-    assert len(figure.axes) == 4 and all(ax.get_ylabel() for ax in figure.axes)
+    # the paper has no cross-attention panel: that row's right panel says so instead of plotting
+    figure = plots.discrepancy_beside_paper(discrepancy, {m: ([1] * 7, [2] * 7) for m in ("nemo", "wanda")})
+    assert len(figure.axes) == 6 and not figure.axes[3].axison
+    assert all(ax.get_ylabel() for i, ax in enumerate(figure.axes) if i != 3)
+
+
+def test_layer_sets_differ_in_what_they_read_and_blocked_neurons_are_switched_off(tiny_backend):
+    embedding = tiny_backend.encode_prompts(["a red circle left of a blue square on a gray background"])
+    def acts(layers, **kwargs):
+        return analysis.layer_activations(tiny_backend, embedding, layers, **kwargs)
+    # the value projections read the text alone; the cross-attention output reads the noise too
+    for name, values in acts("nemo", seed=0).items():
+        assert torch.equal(values, acts("nemo", seed=1)[name])
+    assert any(not torch.allclose(a, b) for a, b in zip(acts("cross_attention", seed=0).values(),
+                                                         acts("cross_attention", seed=1).values()))
+    layer = nemo.value_layers(tiny_backend.unet)[0]
+    blocked = acts("nemo", blocked={layer: [0, 2]})
+    assert (blocked[layer][..., [0, 2]] == 0).all() and (blocked[layer][..., 1] != 0).any()
+    with pytest.raises(ValueError, match="layers must be one of"):
+        acts("attn1")
+
+
+def test_choose_items_attacks_the_images_nemo_hides_and_says_so_when_it_hides_none(tiny_backend, monkeypatch,
+                                                                                    tmp_path):
+    import dataclasses
+
+
+    from dori_utils.evaluation import evaluate_items
+    from dori_utils.metrics import median_score
+
+    monkeypatch.setenv("DORI_RESULTS", str(tmp_path))
+    config = experiments.shared_config(True, {"n_items": 2, "hidden_seeds": [10, 11]})
+    items = tiny_backend.memorized
+    assert len(items) >= 3
+    # each item's own "neurons": a different channel of the first value layer, so the scores differ per item
+    layer = nemo.value_layers(tiny_backend.unet)[0]
+    neurons = nemo.NeuronSearch(None, 0.5, [{layer: [i]} for i in range(len(items))])
+    scores = median_score(evaluate_items(tiny_backend, [10, 11], items=items,
+                                         row_context=nemo.per_item_blocking(tiny_backend, neurons.per_item)).scores)
+    # a threshold between the scores: the items at or under it are the hidden ones, in the backend's order
+    threshold = sorted(scores.tolist())[1]
+    between = dataclasses.replace(tiny_backend, replication_threshold=threshold)
+    chosen, selection = experiments.choose_items(between, config, neurons)
+    hidden = [item.id for item, score in zip(items, scores.tolist()) if score <= threshold]
+    assert selection.hidden == hidden and [item.id for item in chosen] == hidden[:2]
+    assert f"NeMo hides {len(hidden)} of the {len(items)}" in selection.describe()
+
+    nothing_hidden = dataclasses.replace(tiny_backend, replication_threshold=-1.0)
+    chosen, selection = experiments.choose_items(nothing_hidden, config, neurons)
+    assert selection.hidden == [] and [item.id for item in chosen] == [item.id for item in items[:2]]
+    assert selection.describe().startswith("NeMo hides none")
+    with pytest.raises(ValueError, match="all .* memorized items"):
+        experiments.choose_items(tiny_backend, config, nemo.NeuronSearch(None, 0.5, neurons.per_item[:1]))
+
+
+def test_nemo_flagging_rate_is_the_share_detection_flags(tiny_backend):
+
+
+    prompts = tiny_backend.prompt_sets["nonmemorized"][:3]
+    statistics = SimpleNamespace()
+    everything = experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, -1.0, []), prompts)
+    nothing = experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 2.0, []), prompts)
+    assert (everything, nothing) == (1.0, 0.0)  # MS-SSIM lies in [-1, 1]
+    with pytest.raises(ValueError, match="at least one prompt"):
+        experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 0.5, []), [])

@@ -20,7 +20,7 @@ MILD, STRONG = "Wanda 10%", "Wanda 50% + value neurons blocked"
 
 
 def _plan(smoke=False, **changes):
-    settings = dict(seeds=[10, 11], max_items=10, surrogate_levels=LEVELS, surrogate_max_score=0.5,
+    settings = dict(seeds=[10, 11], max_items=10, surrogate_source="pruned", surrogate_levels=LEVELS, surrogate_max_score=0.5,
                     surrogate_seeds=[20, 21, 22], n_pairs=1024, n_utility=16, eval_attack_steps=50,
                     eval_attack_seed=7, eval_random_items=2, epochs=3, steps_per_epoch=12, adv_batch=32)
     return experiments.finetuning_plan(smoke, **{**settings, **changes})
@@ -41,11 +41,11 @@ def _evaluation(scores, threshold=0.7):
                           threshold)
 
 
-def _fresh(adversarial=0.1, prompt_only=0.1, control=0.9):
+def _fresh(adversarial=0.1, prompt_only=0.1, control=0.9, adversarial_random=0.1):
     """A fresh attack on two items: each model's scores (all seeds alike) from the prompt and random starts."""
     attacked = {("before fine-tuning", "random"): _evaluation([[0.9]]),
                 ("adversarial fine-tuning", "prompt"): _evaluation([[adversarial], [0.1]]),
-                ("adversarial fine-tuning", "random"): _evaluation([[0.1]]),
+                ("adversarial fine-tuning", "random"): _evaluation([[adversarial_random]]),
                 ("fine-tuning, prompt only", "prompt"): _evaluation([[prompt_only], [0.1]]),
                 ("fine-tuning, prompt only", "random"): _evaluation([[0.1]]),
                 ("fine-tuning, L_DM only", "prompt"): _evaluation([[control], [0.1]])}
@@ -64,6 +64,8 @@ def test_finetuning_plan_passes_the_parameters_through_and_smoke_shrinks_them():
     assert (smoke.finetune.epochs, smoke.finetune.steps_per_epoch, smoke.finetune.adv_batch) == (1, 2, 4)
     with pytest.raises(TypeError):
         _plan(not_a_setting=1)
+    with pytest.raises(ValueError, match="SURROGATES must be one of"):
+        _plan(surrogate_source="painted")
 
 
 # --------------------------------------------------------------------------------------------- surrogates
@@ -84,7 +86,7 @@ def test_pruned_surrogates_escalate_an_item_that_stays_above_the_ceiling(tiny_ba
     monkeypatch.setattr(nemo, "block", lambda backend, neurons: contextlib.nullcontext())
     chosen = finetune.pruned_surrogates(tiny_backend, items, LEVELS, seeds=(0,), max_score=0.5)
     assert calls == [(MILD, [items[0].id, items[1].id]), (STRONG, [items[0].id])]
-    assert chosen.pruning == [STRONG, MILD]
+    assert chosen.source == [STRONG, MILD]
     assert chosen.scores.tolist() == pytest.approx([0.3, 0.2]) and chosen.all_below_max
 
 
@@ -102,17 +104,34 @@ def test_chapter_surrogates_are_computed_once_per_setting(tiny_backend, tmp_path
     assert torch.equal(first.images, again.images)
 
 
-def test_surrogate_summary_and_grid_count_levels_and_copies():
+def test_surrogate_summary_and_grid_count_sources_and_copies():
     surrogates = _surrogates([0.3, 0.6, 0.8], [MILD, STRONG, STRONG])
-    summary = experiments.surrogate_summary(surrogates, LEVELS)
-    assert summary["level_counts"] == {MILD: 1, STRONG: 2}
-    assert (summary["n_mildest"], summary["n_strongest"]) == (1, 2)
+    summary = experiments.surrogate_summary(surrogates)
+    assert summary["source_counts"] == {MILD: 1, STRONG: 2}
     assert (summary["n_above_ceiling"], summary["n_above_threshold"]) == (2, 1)
-    assert summary["max_score"] == pytest.approx(0.8)
+    assert summary["max_score"] == pytest.approx(0.8) and summary["min_score"] == pytest.approx(0.3)
     items = [SimpleNamespace(id=f"i{k}", references=torch.zeros(1, 3, 4, 4)) for k in range(3)]
-    grid = experiments.surrogate_grid(items, surrogates, LEVELS)
-    assert grid["captions"][1] == ["0.30, level 1", "0.60, level 2", "0.80, level 2"]
+    grid = experiments.surrogate_grid(items, surrogates)
+    assert grid["captions"][1] == [f"0.30, {MILD}", f"0.60, {STRONG}", f"0.80, {STRONG}"]
     assert len(grid["rows"]) == 2 and grid["col_labels"] == ["i0", "i1", "i2"]
+
+
+def test_transformed_surrogates_keep_the_most_similar_transform_under_the_ceiling(tiny_backend):
+    items = tiny_backend.memorized[:2]
+    surrogates = finetune.transformed_surrogates(tiny_backend, items, max_score=0.5)
+    assert surrogates.images.shape == (2, *items[0].references.shape[1:])
+    assert surrogates.candidate_scores.shape == (2, len(finetune.SURROGATE_TRANSFORMS))
+    for i, item in enumerate(items):
+        name = surrogates.source[i]
+        expected = finetune.SURROGATE_TRANSFORMS[name](item.references[:1])[0]
+        assert torch.equal(surrogates.images[i], expected)  # the training image itself, transformed
+        under = surrogates.candidate_scores[i][surrogates.candidate_scores[i] <= 0.5]
+        if len(under):
+            assert surrogates.scores[i] == under.max()
+    # a ceiling nothing meets keeps the least similar transform and says so
+    strict = finetune.transformed_surrogates(tiny_backend, items, max_score=-2.0)
+    assert not strict.all_below_max
+    assert torch.equal(strict.scores, strict.candidate_scores.min(dim=1).values)
 
 
 # --------------------------------------------------------------------------------------------- L_DM data, runs
@@ -246,12 +265,20 @@ def test_finetuning_checks_hold_and_fail_with_the_numbers():
     assert checks["no surrogate is a replication"] and not checks["every surrogate scores below 0.5"]
     assert checks["adversarial fine-tuning stops Dori from the prompt (MR <= 0.1)"]
     assert checks["adversarial fine-tuning + Dori beats NeMo + Dori"]
-    assert checks["the prompt-only ablation does as well (MR within 0.1, both starts)"]
-    assert not checks["continued training on ordinary pairs alone (L_DM only) does as well from the prompt (MR within 0.1)"]
+    assert not checks["adversarial fine-tuning beats the prompt-only ablation (MR lower by more than 0.1, from the "
+                      "prompt or from random starts)"]
+    assert checks["adversarial fine-tuning beats continued training on ordinary pairs alone (L_DM only) from the "
+                  "prompt (MR lower by more than 0.1)"]
     assert checks["adversarial fine-tuning keeps attribute accuracy within 0.1"]
     assert not checks["fine-tuning, L_DM only keeps attribute accuracy within 0.1"]
     worse = experiments.finetuning_checks(_fresh(adversarial=0.9, prompt_only=0.1), surrogates, {})
     assert not worse["adversarial fine-tuning stops Dori from the prompt (MR <= 0.1)"]
+    # every line can print NO: a run where nothing the paper claims holds
+    nothing = experiments.finetuning_checks(_fresh(adversarial=0.9, prompt_only=0.9, control=0.9, adversarial_random=0.9),
+                                            _surrogates([0.8], [MILD]), {"NeMo + Dori": {"mr": 0.5}},
+                                            {"before fine-tuning": 0.8, "adversarial fine-tuning": 0.5,
+                                             "fine-tuning, prompt only": 0.5, "fine-tuning, L_DM only": 0.5})
+    assert not any(nothing.values())
     assert "adversarial fine-tuning + Dori beats NeMo + Dori" not in worse
     assert not any("keeps" in claim for claim in worse)
 
@@ -282,3 +309,21 @@ def test_running_mean_and_training_curves():
     fig = plots.training_curves({"adversarial": run(4, [0.5, 0.4]), "control": run(0, [])}, steps_per_epoch=3)
     assert len(fig.axes[1].get_legend().get_texts()) == 1  # the control draws no L_adv
     assert list(fig.axes[2].lines[0].get_ydata()) == [0.5, 0.4]
+
+
+def test_utility_drops_are_paired_per_caption_with_their_standard_error():
+    # the "utility" of an image is its mean pixel value, so each caption's drop is known exactly
+    original = SimpleNamespace(name="fake", utility=lambda images, prompts: float(images.mean()))
+    before = torch.tensor([0.2, 0.4, 0.6, 0.8])[:, None, None, None].expand(4, 3, 2, 2)
+    images = {experiments.ORIGINAL_MODEL: before, "tuned": before - torch.tensor([0.1, 0.1, 0.3, 0.3])[:, None, None, None]}
+    drops = experiments.utility_drops(original, images, ["a", "b", "c", "d"])
+    assert list(drops) == ["tuned"]
+    assert drops["tuned"]["drop"] == pytest.approx(0.2)
+    assert drops["tuned"]["se"] == pytest.approx(np.std([0.1, 0.1, 0.3, 0.3], ddof=1) / 2)
+    assert drops["tuned"]["utility"] == pytest.approx(0.3)
+    table = experiments.utility_drop_table(drops, {experiments.ORIGINAL_MODEL: 0.5}, "brightness")
+    assert list(table.columns) == ["brightness", "drop from the original (0.50)", "standard error of the drop"]
+    with pytest.raises(ValueError, match="at least two prompts"):
+        experiments.utility_drops(original, {k: v[:1] for k, v in images.items()}, ["a"])
+    with pytest.raises(ValueError, match="no utility measure"):
+        experiments.utility_drops(SimpleNamespace(name="x", utility=None), images, ["a", "b", "c", "d"])

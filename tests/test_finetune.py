@@ -132,4 +132,4 @@ def test_surrogates_keep_the_most_similar_candidate_under_the_ceiling(tiny_backe
 def test_pruned_surrogates_stop_at_the_first_level_that_suffices(tiny_backend):
     items = tiny_backend.memorized[:2]
     surrogates = finetune.pruned_surrogates(tiny_backend, items, seeds=(0,), max_score=0.5, union_steps=2)
-    assert surrogates.pruning == ["Wanda 10%", "Wanda 10%"]
+    assert surrogates.source == ["Wanda 10%", "Wanda 10%"]

@@ -28,7 +28,7 @@ def test_ff_zeroing_restores_the_weights_exactly(tiny_backend):
                if name in wanda.ff_layers(tiny_backend.unet)}
     assert modules
     before = {name: module.weight.detach().clone() for name, module in modules.items()}
-    with pilots.ff_zeroed(tiny_backend):
+    with wanda.prune_everything(tiny_backend):
         assert all((module.weight == 0).all() for module in modules.values())
     assert all(torch.equal(module.weight, before[name]) for name, module in modules.items())
 

@@ -126,6 +126,7 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
         training_recipe=recipe,
     )
     backend.never_seen_items = lambda: organism_unseen_items(backend)
+    backend.seen_once_items = lambda: organism_seen_once_items(backend)
     backend.template_items = lambda: organism_template_items(backend)
     backend.training_samples = lambda: organism_training_data(backend)
     return backend
@@ -168,6 +169,18 @@ def organism_unseen_items(backend: Backend) -> list[MemorizedItem]:
                       "never in training")
         for name, (image, caption) in unseen_images(organism_training_data(backend)).items()
     ]
+
+
+def organism_seen_once_items(backend: Backend) -> list[MemorizedItem]:
+    """The natural pairs the organism saw once in training (crops and faces, never a memorized photograph, and
+    none that carries a memorized caption's words), as items with their caption and training image, in a fixed
+    shuffled order so that the first few mix both kinds: the control the paper attacks."""
+    samples = [s for s in organism_training_data(backend) if s.kind == "natural" and not s.item.startswith("combination-")]
+    order = np.random.default_rng(0).permutation(len(samples))
+    return [MemorizedItem(f"seen-{samples[i].item}-{i}", samples[i].caption, "none",
+                          torch.from_numpy(np.array(samples[i].image)).permute(2, 0, 1)[None].float() / 255,
+                          "seen once in training")
+            for i in order]
 
 
 def save_organism_components(backend: Backend, out: Path, manifest_updates: dict) -> None:
