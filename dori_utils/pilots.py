@@ -123,6 +123,26 @@ PILOTS = {
         "unet_overrides": {
             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
             "up_block_types": ["UpBlock2D"] * 4}},
+    # Issue 30's lever "SD's text path", on the combination keys: a transformer block (cross-attention and a GEGLU
+    # feed-forward) at 32 x 32 in the first down block, text at 32, 16 and 8 in the down path and in the last
+    # three up blocks, as SD v1.4 has it at 64, 32 and 16. NeMo's layer set follows the architecture as NeMo's
+    # follows SD's (the down and mid blocks: 4 value layers); most of SD's NeMo neurons sit in its first,
+    # highest-resolution layer, which the organism never had. About 9 s per training step on one CPU thread
+    # (self-attention over 1,024 positions): a run for a GPU.
+    "sd-text-path-loose-captions-combination-keys": {
+        "loose_scene_captions": True, "combination_keys": 24,
+        "unet_overrides": {
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]}},
+    # The same lever at a CPU's cost: the text path starts at 32 x 32 in the first down block, whose transformer
+    # attends to the text in place of itself (``only_cross_attention``: self-attention over 1,024 positions is
+    # what made the SD layout 5x slower), and the up path keeps no text, as lever 1 found best. About 1.5 s per
+    # step on one thread, like the shipped recipe.
+    "cross-attention-32-down-only-loose-captions-combination-keys": {
+        "loose_scene_captions": True, "combination_keys": 24,
+        "unet_overrides": {
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D"] * 4, "only_cross_attention": [True, False, False, False]}},
 }
 
 

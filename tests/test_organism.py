@@ -250,3 +250,12 @@ def test_load_backend_takes_dtype_names_item_ids_and_memory_settings_and_refuses
         load_backend("organism", device="cpu", path=tiny_organism_dir, row_budget=0)
     with pytest.raises(BackendError, match=r"item_ids \['dog'\] are not memorized items"):
         load_backend("organism", device="cpu", path=tiny_organism_dir, item_ids=["dog"])
+
+
+def test_every_pilot_builds_a_unet_with_value_layers_for_nemo_and_feed_forwards_for_wanda():
+    from dori_utils import nemo, pilots, wanda
+    from dori_utils.organism.train import build_unet
+
+    for name, config in pilots.PILOTS.items():
+        unet = build_unet(**config.get("unet_overrides", {}))
+        assert nemo.value_layers(unet) and wanda.ff_layers(unet), name
