@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import nbformat
@@ -401,3 +402,18 @@ def test_every_chapter_opens_with_its_run_time(chapter):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert f'costs.run_time_note("{chapter}")' in code[1].source
     assert book.MEASURED_TEXT_TAG in code[1].metadata["tags"]
+
+
+def test_the_repository_url_is_written_by_hand_in_the_config_only():
+    """The one setting lives in _config.yml; the only other copies are the setup cells that `dori-book
+    set-repository` writes from it (Colab opens a chapter alone, before anything is cloned, so its setup cell
+    must name the repository)."""
+    url = book.repository_url(ROOT)
+    tracked = subprocess.run(["git", "-C", str(ROOT), "grep", "-l", "-F", url], capture_output=True, text=True).stdout
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert set(tracked.split()) <= {"_config.yml", *(f"chapters/{chapter}.ipynb" for chapter in CHAPTERS)}
+    for chapter in CHAPTERS:
+        nb = nbformat.read(ROOT / "chapters" / f"{chapter}.ipynb", as_version=4)
+        holding = [c for c in nb.cells if url in c.source]
+        assert len(holding) == 1 and holding[0].source == book.setup_cell_source(ROOT), chapter
