@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from dori_utils import attack, nemo, results, wanda
 from dori_utils.analysis import TriggerSet, collect_triggers
@@ -75,11 +76,31 @@ def sample_prompt_sets(backend: Backend, sizes: dict[str, int], seed: int) -> di
     return drawn
 
 
+def find_neurons_cached(backend, items, cache_dir, n_statistics: int = 3000, n_calibration: int = 100,
+                        statistics: str | None = None, timestep: int | None = None, seed: int = 0,
+                        progress: bool = False) -> nemo.NeuronSearch:
+    """``nemo.find_neurons``, kept in ``cache_dir``: the statistics and threshold under ``cache_key`` (without the
+    items), each item's localisation under that key plus the item, so that chapters with different item sets
+    share what they have in common and a different run is stored beside it."""
+    key = nemo.cache_key(backend, [], n_statistics, n_calibration, statistics, timestep, seed)
+    del key["items"]
+    activation_stats, threshold, _ = results.cached(
+        cache_dir, "nemo-statistics", key,
+        lambda: nemo.find_neurons(backend, [], n_statistics, n_calibration, seed, statistics, timestep))
+    per_item = []
+    for item in tqdm(items, desc="NeMo localisation", disable=not progress):
+        per_item.append(results.cached(
+            cache_dir, "nemo-item", {**key, "item": item.id, "prompt": item.prompt},
+            lambda: nemo.localize(backend, backend.encode_prompts([item.prompt]), activation_stats, threshold,
+                                  timestep=timestep)))
+    return nemo.NeuronSearch(activation_stats, threshold, per_item)
+
+
 def nemo_neurons(backend: Backend, config: SharedConfig, items=None, progress: bool = True) -> nemo.NeuronSearch:
     """NeMo as its authors run it, on ``items`` (default: every memorized item of the backend), cached per item
     under ``results/<backend>/cache`` so that every chapter shares the same statistics and localisations."""
     items = backend.memorized if items is None else items
-    return nemo.find_neurons_cached(backend, items, results.results_dir(backend.name) / "cache",
+    return find_neurons_cached(backend, items, results.results_dir(backend.name) / "cache",
                                     config.n_statistics, config.n_calibration, progress=progress)
 
 

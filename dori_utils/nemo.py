@@ -524,25 +524,3 @@ def cache_key(backend, items, n_statistics: int = 3000, n_calibration: int = 100
     return {"method": "nemo-f952ede", "model": backend.fingerprint, **dtype, "items": [item.id for item in items],
             "statistics": source, **sizes,
             "timestep": detection_timestep(backend) if timestep is None else int(timestep)}
-
-
-def find_neurons_cached(backend, items, cache_dir, n_statistics: int = 3000, n_calibration: int = 100,
-                        statistics: str | None = None, timestep: int | None = None, seed: int = 0,
-                        progress: bool = False) -> NeuronSearch:
-    """``find_neurons``, kept in ``cache_dir``: the statistics and threshold under ``cache_key`` (without the
-    items), each item's localisation under that key plus the item, so that chapters with different item sets
-    share what they have in common and a different run is stored beside it."""
-    from dori_utils import results
-
-    key = cache_key(backend, [], n_statistics, n_calibration, statistics, timestep, seed)
-    del key["items"]
-    activation_stats, threshold, _ = results.cached(
-        cache_dir, "nemo-statistics", key,
-        lambda: find_neurons(backend, [], n_statistics, n_calibration, seed, statistics, timestep))
-    per_item = []
-    for item in tqdm(items, desc="NeMo localisation", disable=not progress):
-        per_item.append(results.cached(
-            cache_dir, "nemo-item", {**key, "item": item.id, "prompt": item.prompt},
-            lambda: localize(backend, backend.encode_prompts([item.prompt]), activation_stats, threshold,
-                             timestep=timestep)))
-    return NeuronSearch(activation_stats, threshold, per_item)
