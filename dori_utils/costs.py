@@ -304,7 +304,9 @@ def run_time_note(chapter: str, root: Path | None = None) -> str:
     record_path = root / "benchmarks" / "results" / "chapter-costs.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     estimate = record.get("profiles", {}).get("colab", {}).get(chapter, {}).get("estimates", {}).get("T4")
-    gpu = (f"about {estimate['hours']:.1f} h and {estimate['peak_gb']:.0f} GB on a Colab T4 with Stable Diffusion "
+    duration = (f"{estimate['hours']:.1f} h" if estimate and estimate["hours"] >= 0.1
+                else f"{estimate['hours'] * 60:.0f} minutes" if estimate else "")
+    gpu = (f"about {duration} and {estimate['peak_gb']:.0f} GB on a Colab T4 with Stable Diffusion "
            f"(`colab` profile; estimated{'' if estimate['fits'] else ', does not fit'})" if estimate
            else "not yet estimated on a GPU")
     return f"*Run time: {organism}; {gpu}.*"

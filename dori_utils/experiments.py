@@ -831,10 +831,10 @@ def finetune_variants(backend: Backend, items, surrogates, pairs, config, progre
 
 
 def finetune_settings_table(config, pairs) -> pd.DataFrame:
-    """The fine-tuning settings in force, one row."""
+    """The fine-tuning settings in force, one row per setting (a single row of 17 columns was wider than the page)."""
     settings = pd.Series(dataclasses.asdict(config)).drop(["use_triggers", "seed"])
     settings["L_DM pairs"] = len(pairs)
-    return settings.to_frame("setting").T
+    return settings.astype(str).rename_axis("setting").to_frame("value")
 
 
 def finetuning_cost(runs: dict) -> tuple[pd.DataFrame, dict]:

@@ -186,7 +186,7 @@ def test_each_fine_tuning_trains_beside_the_original_only(tiny_backend, tiny_run
 
 def test_settings_table_and_cost_read_the_runs(tiny_runs):
     table = experiments.finetune_settings_table(tiny_runs.config, tiny_runs.pairs)
-    assert table.loc["setting", "L_DM pairs"] == 8 and "use_triggers" not in table.columns
+    assert table.loc["L_DM pairs", "value"] == "8" and "use_triggers" not in table.index
     runs = {"a": SimpleNamespace(history={"epoch_seconds": [1.0, 3.0], "total_seconds": 4.0, "attack_seconds": [1.0, 1.0]}),
             "b": SimpleNamespace(history={"epoch_seconds": [0.5, 0.5], "total_seconds": 1.0, "attack_seconds": []})}
     cost, record = experiments.finetuning_cost(runs)

@@ -158,10 +158,12 @@ def test_run_time_note_reads_the_timings_and_the_estimates(tmp_path):
                      {"chapter": "chapters/02_y.ipynb", "status": "failed", "seconds": None, "finished": "2026"}]}))
     (tmp_path / "benchmarks" / "results" / "chapter-costs.json").write_text(json.dumps(
         {"profiles": {"colab": {"01_x": {"estimates": {"T4": {"hours": 0.74, "peak_gb": 5.2, "fits": True}}},
-                                "02_y": {"estimates": {"T4": {"hours": 3.0, "peak_gb": 21, "fits": False}}}}}}))
+                                "02_y": {"estimates": {"T4": {"hours": 3.0, "peak_gb": 21, "fits": False}}},
+                                "04_w": {"estimates": {"T4": {"hours": 0.04, "peak_gb": 3, "fits": True}}}}}}))
     assert costs.run_time_note("01_x", tmp_path) == (
         "*Run time: 1.5 minutes on the organism (2 CPU cores, the book's run of 2026-12-07); about 0.7 h and 5 GB "
         "on a Colab T4 with Stable Diffusion (`colab` profile; estimated).*")
     assert "not yet timed" in costs.run_time_note("02_y", tmp_path)  # a failed run is no time
     assert "does not fit" in costs.run_time_note("02_y", tmp_path)
     assert costs.run_time_note("03_z", tmp_path).endswith("not yet estimated on a GPU.*")
+    assert "about 2 minutes and 3 GB on a Colab T4" in costs.run_time_note("04_w", tmp_path)  # not "0.0 h"

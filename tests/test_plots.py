@@ -36,7 +36,7 @@ def test_pilot_map_counts_the_pilots_that_meet_the_targets():
     plt.close(fig)
 
 
-def _shown_px(fig, text, column_px: float = 750) -> float:
+def _shown_px(fig, text, column_px: float = 680) -> float:
     """A text's height in screen pixels where the book shrinks the figure to its column at 1280 px."""
     width_px = fig.get_size_inches()[0] * fig.dpi
     return text.get_fontsize() * fig.dpi / 72 * min(1.0, column_px / width_px)
