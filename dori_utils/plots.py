@@ -113,7 +113,9 @@ def training_curves(runs: dict, steps_per_epoch: int, window: int = 5):
     epochs dotted; on the right, the adversarial run's attack loss towards the memorized image at the end of
     each epoch's attack (``runs`` maps a name to a ``finetune.FinetuneResult``; the first one with an attack
     loss is the adversarial run)."""
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    # 8 inches, the book's widest, so that 10 pt type stays at 9 px or more in the column; one legend under the
+    # panels instead of one on each panel's data
+    fig, axes = plt.subplots(1, 3, figsize=(8, 3.6))
     colours = (OKABE_ITO[5], OKABE_ITO[4], OKABE_ITO[2], OKABE_ITO[0])
     for ax, key, label in ((axes[0], "l_dm", "$L_{DM}$"), (axes[1], "l_adv", "$L_{adv}$")):
         for (name, run), colour in zip(runs.items(), colours):
@@ -127,12 +129,12 @@ def training_curves(runs: dict, steps_per_epoch: int, window: int = 5):
             ax.axvline(epoch * steps_per_epoch, color="gray", ls=":", lw=0.8)
         ax.set_xlabel("update")
         ax.set_title(label, fontsize=12)
-        ax.legend()
     attack_loss = next((run.history["attack_loss"] for run in runs.values() if run.history.get("attack_loss")), [])
     axes[2].plot(range(1, len(attack_loss) + 1), attack_loss, "o-", color=OKABE_ITO[5])
     axes[2].set_xlabel("epoch")
-    axes[2].set_title("attack loss towards $x_{mem}$ (end of each epoch's attack)", fontsize=11)
+    axes[2].set_title("attack loss towards $x_{mem}$\n(end of each epoch's attack)", fontsize=11)
     fig.tight_layout()
+    _figure_legend(fig, axes)
     return fig
 
 

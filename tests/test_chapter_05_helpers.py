@@ -307,7 +307,10 @@ def test_running_mean_and_training_curves():
     run = lambda adv, attack: SimpleNamespace(config={"adv_batch": adv}, history={
         "l_dm": [0.1] * 6, "l_adv": [0.2] * 6 if adv else [0.0] * 6, "attack_loss": attack})
     fig = plots.training_curves({"adversarial": run(4, [0.5, 0.4]), "control": run(0, [])}, steps_per_epoch=3)
-    assert len(fig.axes[1].get_legend().get_texts()) == 1  # the control draws no L_adv
+    assert [line.get_label() for line in fig.axes[1].lines if not line.get_label().startswith("_")] == [
+        "adversarial"]  # the control draws no L_adv
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["adversarial", "control"]  # one legend, below
+    assert all(ax.get_legend() is None for ax in fig.axes) and fig.get_size_inches()[0] <= 8
     assert list(fig.axes[2].lines[0].get_ydata()) == [0.5, 0.4]
 
 
