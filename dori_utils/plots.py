@@ -47,8 +47,16 @@ def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels
     # grows with the width so that every label still shows at 9 px or more, and wraps to its cell.
     size = max(10.0, 1.0 * width)
     wrap = _wrapper(cell, size)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, cell * n_rows + 0.4 + 0.02 * size * n_rows),
-                             squeeze=False)
+    captions = [[wrap(c) if c else "" for c in row] for row in captions] if captions else None
+    col_labels = [wrap(label) for label in col_labels] if col_labels else None
+    # the figure's height makes room for every line of text, so that a row's captions never run into the next row
+    line = 1.5 * size / 72
+    caption_lines = [max((c.count("\n") + 1 for c in row if c), default=0) for row in captions] if captions else []
+    title_lines = max((label.count("\n") + 1 for label in col_labels), default=0) if col_labels else 0
+    height = (cell * n_rows + line * (sum(caption_lines) + title_lines)
+              + (1.6 * (size + 1) / 72 * (len(textwrap.wrap(title, int(width * 72 / (0.7 * (size + 1))))) or 1)
+                 if title else 0) + 0.2)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(width, height), squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -58,9 +66,9 @@ def image_grid(rows: list[list], row_labels: list[str] | None = None, col_labels
             if j < len(row) and row[j] is not None:
                 ax.imshow(to_numpy_image(row[j]), interpolation="nearest")
             if captions and j < len(captions[i]) and captions[i][j]:
-                ax.set_xlabel(wrap(captions[i][j]), fontsize=size)
+                ax.set_xlabel(captions[i][j], fontsize=size)
             if i == 0 and col_labels and j < len(col_labels):
-                ax.set_title(wrap(col_labels[j]), fontsize=size)
+                ax.set_title(col_labels[j], fontsize=size)
             if j == 0 and row_labels:
                 ax.set_ylabel(row_labels[i], fontsize=size, rotation=0, ha="right", va="center")
     if title:

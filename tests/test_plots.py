@@ -54,3 +54,20 @@ def test_image_grid_labels_stay_readable_and_apart_however_many_columns():
         titles = sorted((ax.title.get_window_extent(renderer) for ax in fig.axes[:n_cols]), key=lambda b: b.x0)
         assert all(left.x1 <= right.x0 for left, right in zip(titles, titles[1:])), f"{n_cols} columns overlap"
         plt.close(fig)
+
+
+def test_image_grid_captions_never_run_into_the_next_row():
+    for n_cols, caption in ((7, "0.90"), (10, "0.47, rotated 90°"), (3, "stock photo: a gray brick wall")):
+        images = [[np.zeros((8, 8, 3)) for _ in range(n_cols)] for _ in range(3)]
+        fig = plots.image_grid(images, ["a", "b", "c"], [f"seed {j}" for j in range(n_cols)],
+                               captions=[[caption] * n_cols] * 3, title="a title that is long enough to matter here")
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        axes = np.array(fig.axes).reshape(3, n_cols)
+        for i in range(2):
+            for j in range(n_cols):
+                below = axes[i][j].xaxis.label.get_window_extent(renderer)
+                assert axes[i + 1][j].get_window_extent(renderer).y1 <= below.y0 + 1, (n_cols, i, j)
+        first_titles = [ax.title.get_window_extent(renderer) for ax in axes[0]]
+        assert all(t.y1 <= fig._suptitle.get_window_extent(renderer).y0 + 1 for t in first_titles), n_cols
+        plt.close(fig)
