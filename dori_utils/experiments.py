@@ -573,6 +573,17 @@ def nemo_items(items, neurons: nemo.NeuronSearch, pruned: ItemEvaluation | None 
     return rows
 
 
+def nemo_items_table(rows: list[dict]) -> pd.DataFrame:
+    """:func:`nemo_items` as the chapter shows it, narrow enough for the page: per item, the neurons NeMo kept,
+    its blocking score against the threshold it was held to, whether its own test passed, and whether the image
+    is hidden."""
+    columns = {"item": "item", "neurons (refined)": "neurons", "blocking score": "blocking score",
+               "refinement threshold": "refinement threshold", "NeMo's test passed": "test passed",
+               "median score under NeMo": "score under NeMo", "hidden": "hidden"}
+    frame = pd.DataFrame(rows)
+    return frame[[c for c in columns if c in frame.columns]].rename(columns=columns)
+
+
 def nemo_hidden_counts(rows: list[dict]) -> dict:
     """From :func:`nemo_items` rows made with the pruned evaluation: how many items NeMo's own test passed for, how
     many images are hidden, and for how many both hold."""

@@ -84,6 +84,9 @@ def test_nemo_items_and_summary_count_flagged_prompts_and_the_blocking_test():
     assert [r["hidden"] for r in rows] == [True, False, False]
     assert [r["median score under NeMo"] for r in rows] == pytest.approx([0.3, 0.9, 0.8])
     assert experiments.nemo_hidden_counts(rows) == {"n_hidden": 1, "n_passed": 1, "n_passed_and_hidden": 0}
+    table = experiments.nemo_items_table(rows)
+    assert list(table.columns) == ["item", "neurons", "blocking score", "refinement threshold", "test passed",
+                                   "score under NeMo", "hidden"]
     assert rows[1]["blocking score"] is None and rows[2]["blocking score"] == pytest.approx(0.7)
     summary = experiments.nemo_summary(items, search)
     assert (summary["n_flagged"], summary["not_flagged"], summary["value_neurons"]) == (2, "rocket", 20)
