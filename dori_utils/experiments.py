@@ -739,11 +739,6 @@ def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_source, surrogat
                           finetune=FinetuneConfig(**sizes), **plan)
 
 
-def pruning_level_name(sparsity: float, block_values: bool) -> str:
-    """The label ``finetune.pruned_surrogates`` gives a pruning level."""
-    return f"Wanda {sparsity:.0%}" + (" + value neurons blocked" if block_values else "")
-
-
 def chapter_surrogates(backend: Backend, items, plan: FinetuningPlan):
     """The plan's surrogates: ``finetune.transformed_surrogates``, or ``finetune.pruned_surrogates`` for the plan's
     levels and seeds, cached under ``results/<backend>/cache`` (keyed by the UNet's weights, so a retrained model
@@ -763,11 +758,11 @@ def surrogate_summary(surrogates) -> dict:
     """What the prose says about the surrogates: how each was made and how many, their scores, and how many stay
     above the ceiling and above the replication threshold."""
     scores = surrogates.scores
+    counts = {name: surrogates.source.count(name) for name in dict.fromkeys(surrogates.source)}
     return {"n_items": len(scores), "source": list(surrogates.source), "seeds": list(surrogates.seeds),
             "scores": scores.tolist(), "mean_score": scores.mean().item(), "min_score": scores.min().item(),
             "max_score": scores.max().item(), "ceiling": surrogates.max_score, "threshold": surrogates.threshold,
-            "source_counts": {name: surrogates.source.count(name) for name in dict.fromkeys(surrogates.source)},
-            "sources": ", ".join(f"{name} ({surrogates.source.count(name)})" for name in dict.fromkeys(surrogates.source)),
+            "source_counts": counts, "sources": ", ".join(f"{name} ({count})" for name, count in counts.items()),
             "n_above_ceiling": int((scores > surrogates.max_score).sum()),
             "n_above_threshold": int((scores > surrogates.threshold).sum())}
 
