@@ -98,6 +98,13 @@ class Surrogates:
         return bool((self.scores <= self.max_score).all())
 
 
+def closest_under(scores: torch.Tensor, max_score: float) -> torch.Tensor:
+    """Per row of an items x candidates score matrix, the candidate most similar to the item while scoring at most
+    ``max_score``, or the least similar one where none does."""
+    under = scores <= max_score
+    return torch.where(under.any(dim=1), scores.masked_fill(~under, -float("inf")).argmax(dim=1), scores.argmin(dim=1))
+
+
 def make_surrogates(backend, items, context=None, row_context=None, seeds=(0, 1, 2, 3), max_score: float | None = None,
                     label: str = "") -> Surrogates:
     """The pruned model's generation from each item's original prompt, one per item.
@@ -112,9 +119,7 @@ def make_surrogates(backend, items, context=None, row_context=None, seeds=(0, 1,
     threshold = backend.replication_threshold
     max_score = threshold if max_score is None else max_score
     result = evaluate_items(backend, list(seeds), items=items, context=context, row_context=row_context)
-    under = result.scores <= max_score
-    best = torch.where(under.any(dim=1), result.scores.masked_fill(~under, -float("inf")).argmax(dim=1),
-                       result.scores.argmin(dim=1))
+    best = closest_under(result.scores, max_score)
     index = torch.arange(len(items))
     return Surrogates(result.images[index, best], result.scores[index, best], [list(seeds)[b] for b in best.tolist()],
                       result.scores, threshold, max_score, [label] * len(items))
@@ -189,8 +194,7 @@ def transformed_surrogates(backend, items, max_score: float | None = None) -> Su
                               for r in references])  # N x T x 3 x H x W
     scores = torch.stack([best_reference_score(backend.replication_score, candidates[i], item.references)
                           for i, item in enumerate(items)])
-    under = scores <= max_score
-    best = torch.where(under.any(dim=1), scores.masked_fill(~under, -float("inf")).argmax(dim=1), scores.argmin(dim=1))
+    best = closest_under(scores, max_score)
     index = torch.arange(len(items))
     names = list(SURROGATE_TRANSFORMS)
     return Surrogates(candidates[index, best], scores[index, best], [None] * len(items), scores, threshold, max_score,
