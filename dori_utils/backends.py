@@ -19,6 +19,7 @@ __all__ = ["BACKENDS", "LOADERS", "OFFLINE_BACKENDS", "Backend", "BackendError",
 # name -> "module:function" of its loader
 LOADERS = {
     "organism": "dori_utils.organism.backend:load_organism",
+    "organism-local": "dori_utils.organism.backend:load_local_organism",
     "sd-v1-4": "dori_utils.sd:load_stable_diffusion",
 }
 BACKENDS = tuple(LOADERS)
@@ -26,9 +27,10 @@ BACKENDS = tuple(LOADERS)
 # ours to train
 TRAINERS = {
     "organism": "dori_utils.organism.train:train_shipped_organism",
+    "organism-local": "dori_utils.organism.train:train_local_organism",
 }
 # Backends whose weights ship with the book: they never need the Hugging Face Hub.
-OFFLINE_BACKENDS = ("organism",)
+OFFLINE_BACKENDS = ("organism", "organism-local")
 # dtype names a chapter's BACKEND_OPTIONS or a profile may give
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -43,7 +45,8 @@ def prepare_environment(name: str) -> None:
 def load_backend(name: str = "organism", device: str | torch.device | None = None,
                  dtype: torch.dtype | str | None = None, row_budget: int | None = None,
                  sampling_batch: int | None = None, **options) -> Backend:
-    """Load a backend by name: ``"organism"`` (default) or ``"sd-v1-4"``.
+    """Load a backend by name: ``"organism"`` (default), ``"organism-local"`` (the contrast organism, whose
+    memorization is local by construction) or ``"sd-v1-4"``.
 
     ``device`` defaults to the GPU when there is one; ``dtype`` (a torch dtype or "float32", "float16",
     "bfloat16") to float32. ``row_budget``: the most UNet rows one call may take with gradients (the attack and

@@ -17,6 +17,9 @@ from dori_utils.backend_types import (Backend, BackendError, MemorizedItem, chec
                                       check_prompts, default_device, select_items)
 
 DEFAULT_ORGANISM_DIR = Path(__file__).resolve().parent.parent.parent / "data" / "organism"
+# The contrast organism (issue 35): the same recipe trained with example-tied dropout on the cross-attention values,
+# so that each memorized item's designated channels are known.
+DEFAULT_LOCAL_ORGANISM_DIR = DEFAULT_ORGANISM_DIR.parent / "organism-local"
 
 
 def _read_png(path: Path) -> torch.Tensor:
@@ -33,6 +36,39 @@ def _organism_items(path: Path, manifest: dict, kinds: tuple[str, ...]) -> list[
                       "training image")
         for m in manifest["memorized"] if m["kind"] in kinds
     ]
+
+
+def load_local_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,
+                        max_items: int | None = None, item_ids: list[str] | None = None,
+                        num_inference_steps: int | None = None) -> Backend:
+    """The contrast organism, whose memorization is local by construction: the shipped organism's recipe trained
+    with example-tied dropout on the ``attn2.to_v`` channels (``train.designated_channels``). It loads as a plain
+    UNet with every channel on; ``designated_channels`` gives each item's channels. From ``data/organism-local``,
+    or ``path``, or the folder named by ``DORI_LOCAL_ORGANISM_DIR``."""
+    path = Path(path or os.environ.get("DORI_LOCAL_ORGANISM_DIR") or DEFAULT_LOCAL_ORGANISM_DIR)
+    backend = load_organism(path, device, dtype, vm_only, max_items, item_ids, num_inference_steps)
+    if "memorization_channels" not in backend.manifest:
+        raise BackendError(f"The checkpoint in {path} was trained without example-tied dropout (its manifest has no "
+                           "memorization_channels): it is not a local organism. Train one with `python -m "
+                           "dori_utils.organism.train --manifest data/organism-local/manifest.json --out <folder>`.")
+    backend.name = "organism-local"
+    return backend
+
+
+def designated_channels(backend: Backend) -> dict[str, dict[str, list[int]]]:
+    """Each memorized item's designated value channels (``{item: {layer: channels}}``), as the local organism's
+    training kept them on for that item alone: the ground truth of where its memorization was confined."""
+    if "memorization_channels" not in (backend.manifest or {}):
+        raise BackendError(f"The {backend.name!r} backend has no designated channels: load 'organism-local'.")
+    return {m["id"]: m["designated_channels"] for m in backend.manifest["memorized"]}
+
+
+def memorization_channels(backend: Backend) -> dict[str, list[int]]:
+    """Every channel that example-tied dropout reserved for memorization, per value layer (the others were always
+    on, and ordinary pairs trained with these off)."""
+    if "memorization_channels" not in (backend.manifest or {}):
+        raise BackendError(f"The {backend.name!r} backend has no memorization channels: load 'organism-local'.")
+    return backend.manifest["memorization_channels"]
 
 
 def load_organism(path: str | Path | None = None, device=None, dtype=torch.float32, vm_only: bool = True,

@@ -20,6 +20,7 @@ SIGTERM ends a run after the step it is in, with a checkpoint at that step, so t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import platform
 import shutil
 import signal
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,6 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from dori_utils.hooks import layer_names, modules_by_name, scale_output_channels
 from dori_utils.noising import add_noise, prediction_target
 from dori_utils.organism import data as organism_data
 from dori_utils.organism.model import (
@@ -70,6 +73,11 @@ class TrainConfig:
     shared_caption_words: bool = False  # pilot lever 3: memorized captions' words also occur in natural captions
     loose_scene_captions: bool = False  # pilot lever 5: ordinary captions that under-determine their scenes
     combination_keys: int = 0  # issue 30's lever: natural pairs per phrase of each memorized caption, recombined
+    # The contrast organism (organism-local): example-tied dropout on the cross-attention values. The share of each
+    # `attn2.to_v` output's channels reserved for memorization (0: none, an ordinary organism), and the share of
+    # those each memorized item keeps on while training on its pairs.
+    memorization_channel_share: float = 0.0
+    item_channel_share: float = 0.1
     unet_overrides: dict = field(default_factory=dict)
 
 
@@ -139,13 +147,54 @@ def _load_training_state(out: Path, config: TrainConfig) -> dict:
         raise FileNotFoundError(f"No {TRAINING_STATE} in {out} to resume from: train without --resume first "
                                 "(a checkpoint written by this version saves it).")
     state = torch.load(path, weights_only=False)
-    recorded, current = state["config"], asdict(config)
+    # an option added since the run began was at its default then
+    recorded, current = {**asdict(TrainConfig()), **state["config"]}, asdict(config)
     differs = sorted(k for k in set(recorded) | set(current)
                      if k not in RESUMABLE_CHANGES and recorded.get(k) != current.get(k))
     if differs:
         raise ValueError(f"Cannot resume the run in {out}: its training options differ in {differs} "
                          f"(recorded {[recorded.get(k) for k in differs]}, now {[current.get(k) for k in differs]}).")
     return state
+
+
+def designated_channels(unet, items: list[str], memorization_share: float, item_share: float,
+                        seed: int) -> tuple[dict[str, list[int]], dict[str, dict[str, list[int]]]]:
+    """The channels of example-tied dropout: per value layer (``attn2.to_v``, forward order) its memorization
+    channels (the last ``memorization_share`` of its outputs; the others are always on), and per memorized item the
+    channels of each layer that it alone keeps on, a fixed random subset seeded by the item's name and the layer.
+
+    Maini et al. (ICML 2023, ``models/dropout.py``, ``ExampleTiedDropout``) draw each example's channels as
+    Bernoulli(p_mem) from a seed; a fixed count instead gives every item channels in every layer."""
+    if not 0 < memorization_share < 1 or not 0 < item_share <= 1:
+        raise ValueError(f"memorization_channel_share must be in (0, 1) and item_channel_share in (0, 1], got "
+                         f"{memorization_share} and {item_share}.")
+    memorization, designated = {}, {item: {} for item in items}
+    for layer, module in modules_by_name(unet, layer_names(unet, "attn2.to_v")).items():
+        width = module.out_features
+        n_memorization = round(width * memorization_share)
+        channels = np.arange(width - n_memorization, width)
+        memorization[layer] = channels.tolist()
+        keep = max(1, round(n_memorization * item_share))
+        for item in items:
+            rng = np.random.default_rng([seed, zlib.crc32(f"{item}/{layer}".encode())])
+            designated[item][layer] = sorted(rng.choice(channels, keep, replace=False).tolist())
+    return memorization, designated
+
+
+def tied_channel_scales(unet, samples, memorization: dict[str, list[int]],
+                        designated: dict[str, dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+    """Per value layer, one row of 0/1 channel factors per training sample: the always-on channels, and for a
+    memorized or template pair its item's designated channels; ordinary and natural pairs keep every memorization
+    channel off, as Memorization Sinks do (Maini et al. give every example channels)."""
+    scales = {}
+    for layer, module in modules_by_name(unet, list(memorization)).items():
+        scale = torch.ones(len(samples), module.out_features)
+        scale[:, memorization[layer]] = 0
+        for row, sample in enumerate(samples):
+            if sample.kind in ("memorized", "template"):
+                scale[row, designated[sample.item][layer]] = 1
+        scales[layer] = scale
+    return scales
 
 
 def config_from_manifest(path: str | Path) -> TrainConfig:
@@ -169,6 +218,13 @@ def train_shipped_organism() -> Path:
     from dori_utils.organism.backend import DEFAULT_ORGANISM_DIR
 
     return train_organism(DEFAULT_ORGANISM_DIR, config_from_manifest(DEFAULT_ORGANISM_DIR / "manifest.json"))
+
+
+def train_local_organism() -> Path:
+    """Retrain the contrast organism in place (``data/organism-local``) from the configuration its manifest records."""
+    from dori_utils.organism.backend import DEFAULT_LOCAL_ORGANISM_DIR
+
+    return train_organism(DEFAULT_LOCAL_ORGANISM_DIR, config_from_manifest(DEFAULT_LOCAL_ORGANISM_DIR / "manifest.json"))
 
 
 def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), progress: bool = True,
@@ -199,6 +255,12 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
             template_references[name].append(f"references/{name}-{i}.png")
 
     unet = build_unet(**config.unet_overrides).train()
+    memorized_names = [name for name, _, _ in organism_data.MEMORIZED_PHOTOS] + [n for n, _ in organism_data.TEMPLATE_ITEMS]
+    channel_scales, memorization, designated = None, None, {}
+    if config.memorization_channel_share:
+        memorization, designated = designated_channels(unet, memorized_names, config.memorization_channel_share,
+                                                       config.item_channel_share, config.seed)
+        channel_scales = tied_channel_scales(unet, samples, memorization, designated)
     noise_scheduler = build_training_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -219,13 +281,14 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
         "data_recipe": recipe,
         "memorized": [
             {"id": name, "prompt": caption, "kind": "VM", "source": spec, "references": [f"references/{name}.png"],
-             "copies": config.copies_per_photo}
+             "copies": config.copies_per_photo, **({"designated_channels": designated[name]} if designated else {})}
             for name, spec, caption in organism_data.MEMORIZED_PHOTOS
         ] + [
             {"id": name, "prompt": caption, "kind": "TM", "source": "template", "references": template_references[name],
-             "copies": config.copies_per_photo}
+             "copies": config.copies_per_photo, **({"designated_channels": designated[name]} if designated else {})}
             for name, caption in organism_data.TEMPLATE_ITEMS
         ],
+        **({"memorization_channels": memorization} if memorization else {}),
         "training_captions": {kind: sorted({s.caption for s in samples if s.kind == kind})
                               for kind in ("ordinary", "natural")},
         "unseen_natural_captions": organism_data.unseen_natural_captions(),
@@ -255,7 +318,7 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     try:
         for step in bar:
             _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, samples, images,
-                        caption_embeddings, caption_index, empty_embedding, losses)
+                        caption_embeddings, caption_index, empty_embedding, losses, channel_scales)
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
             done = step + 1
             in_series = bool(config.series_every) and done % config.series_every == 0
@@ -280,8 +343,9 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
 
 
 def _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, samples, images,
-                caption_embeddings, caption_index, empty_embedding, losses) -> None:
-    """One optimizer step of the run, drawing its batch and noise from ``generator``."""
+                caption_embeddings, caption_index, empty_embedding, losses, channel_scales=None) -> None:
+    """One optimizer step of the run, drawing its batch and noise from ``generator``; ``channel_scales`` (from
+    ``tied_channel_scales``) switches each row's value channels as example-tied dropout does."""
     index = torch.randint(0, len(samples), (config.batch_size,), generator=generator)
     x0 = images[index]
     cond = caption_embeddings[caption_index[index]]
@@ -290,7 +354,11 @@ def _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, s
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
     xt = add_noise(noise_scheduler, x0, noise, t)
-    loss = torch.nn.functional.mse_loss(unet(xt, t, cond).sample, prediction_target(noise_scheduler, x0, noise, t))
+    edit = (scale_output_channels(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
+            if channel_scales else contextlib.nullcontext())
+    with edit:
+        prediction = unet(xt, t, cond).sample
+    loss = torch.nn.functional.mse_loss(prediction, prediction_target(noise_scheduler, x0, noise, t))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -307,6 +375,11 @@ def main(argv=None) -> None:
                  "n_crops", "n_faces"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--memorization-channel-share", type=float, default=None,
+                        help="example-tied dropout: the share of each attn2.to_v's channels kept for memorization "
+                             "(organism-local); with --manifest, trains that recipe with it")
+    parser.add_argument("--item-channel-share", type=float, default=defaults.item_channel_share,
+                        help="example-tied dropout: the share of the memorization channels each memorized item keeps")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this many steps of the --steps schedule (the learning rate follows --steps)")
     parser.add_argument("--series-every", type=int, default=None,
@@ -322,10 +395,14 @@ def main(argv=None) -> None:
         config = config_from_manifest(args.manifest)
         if args.series_every:
             config.series_every = args.series_every
+        if args.memorization_channel_share:
+            config.memorization_channel_share = args.memorization_channel_share
+            config.item_channel_share = args.item_channel_share
     else:
         overrides = TINY_UNET if args.tiny else {}
-        config = TrainConfig(**{k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest", "resume")},
-                             unet_overrides=overrides)
+        options = {k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest", "resume")}
+        options["memorization_channel_share"] = options["memorization_channel_share"] or 0.0
+        config = TrainConfig(**options, unet_overrides=overrides)
     path = train_organism(args.out, config, resume=args.resume)
     print(f"organism checkpoint written to {path}")
 
