@@ -503,15 +503,22 @@ def non_memorized_controls(backend: Backend, seeds: list[int], n: int, steps: in
 
 def nemo_attack(backend: Backend, items, neurons: nemo.NeuronSearch, seeds: list[int], steps: int = 50,
                 snapshot_steps: tuple[int, ...] = (), seed: int = 0) -> PrunedAttack:
-    """NeMo as it is meant to be used, every prompt under its own neurons, and the attack on that model; all
-    prompts go through one batch (``nemo.per_item_blocking``)."""
-    blocking = nemo.per_item_blocking(backend, neurons.per_item)
+    """NeMo as it is meant to be used, every prompt under its own neurons, and the attack on that model."""
+    return blocked_attack(backend, items, "NeMo", neurons.per_item, seeds, steps, snapshot_steps, seed)
+
+
+def blocked_attack(backend: Backend, items, name: str, selections: list, seeds: list[int], steps: int = 50,
+                   snapshot_steps: tuple[int, ...] = (), seed: int = 0) -> PrunedAttack:
+    """Every prompt under its own blocked value neurons (``selections``: one ``NemoResult`` or ``{layer:
+    [channel, ...]}`` per item), and the attack on that model; all prompts go through one batch
+    (``nemo.per_item_blocking``)."""
+    blocking = nemo.per_item_blocking(backend, selections)
     prompts = backend.encode_prompts([item.prompt for item in items])
     pruned = evaluate_items(backend, seeds, prompts, items=items, row_context=blocking)
     found = attack.dori_attack(backend, _first_references(items), prompts, steps=steps,
                                snapshot_steps=snapshot_steps, seed=seed, row_context=blocking)
     attacked = evaluate_items(backend, seeds, found.embeddings, items=items, row_context=blocking)
-    return PrunedAttack("NeMo", list(items), pruned, found, attacked, row_context=blocking)
+    return PrunedAttack(name, list(items), pruned, found, attacked, row_context=blocking)
 
 
 def wanda_attacks(backend: Backend, items, sparsities: list[float], seeds: list[int], steps: int = 50,

@@ -178,12 +178,14 @@ def first_seed_grid(items, columns: dict, threshold: float):
                       title=f"First seed of each setting; replication score under each image (threshold {threshold})")
 
 
-def mr_by_attack_step(steps, ours: dict[str, list[float]], paper_steps, paper: dict[str, list[float]]):
-    """MR against the number of attack steps, one colour per pruning: ours (solid) beside the paper's (dashed),
-    for the prunings the paper plots."""
+def mr_by_attack_step(steps, ours: dict[str, list[float]], paper_steps=(), paper: dict[str, list[float]] | None = None,
+                      ours_label: str = " (ours)"):
+    """MR against the number of attack steps, one colour per pruning: ours (solid, each label followed by
+    ``ours_label``) beside the paper's (dashed), for the prunings the paper plots."""
+    paper = paper or {}
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for (name, values), colour in zip(ours.items(), (OKABE_ITO[4], OKABE_ITO[5], OKABE_ITO[2], OKABE_ITO[6])):
-        ax.plot(list(steps), values, "o-", color=colour, label=f"{name} (ours)")
+        ax.plot(list(steps), values, "o-", color=colour, label=f"{name}{ours_label}")
         if name in paper:
             ax.plot(list(paper_steps), paper[name], "s--", color=colour, alpha=0.6, label=f"{name} (paper, SD v1.4)")
     ax.set_xlabel("Dori attack steps")

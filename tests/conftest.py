@@ -25,6 +25,19 @@ def tiny_organism_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_local_backend(tmp_path_factory):
+    """A tiny contrast organism (example-tied dropout), trained for two steps through the real training command."""
+    from dori_utils.backends import load_backend
+    from dori_utils.organism.train import main
+
+    out = tmp_path_factory.mktemp("organism-local")
+    main(["--out", str(out), "--tiny", "--steps", "2", "--save-every", "2", "--n-ordinary", "40",
+          "--copies-per-photo", "2", "--n-crops", "11", "--n-faces", "5", "--threads", "1", "--batch-size", "8",
+          "--memorization-channel-share", "0.5", "--item-channel-share", "0.25"])
+    return load_backend("organism-local", device="cpu", path=out, max_items=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_backend(tiny_organism_dir):
     from dori_utils.backends import load_backend
 
