@@ -2,7 +2,7 @@
 
 nbval executes the chapters as they are, and a chapter writes its results into ``results/<backend>/``, the
 committed files beside the committed notebooks. So that the test command never edits tracked files, the
-session points ``DORI_RESULTS`` (read by ``dori_utils.results``; inherited by nbval's kernels) at a temporary
+session points ``DORI_RESULTS`` (read by ``dori_utils.book.results``; inherited by nbval's kernels) at a temporary
 copy of ``results/``, caches included, so that a local run still reuses what earlier runs computed.
 """
 import os

@@ -10,7 +10,7 @@ command counts them at 2 and 4 items and extrapolates to 112 (``costs.extrapolat
 Each chapter runs through papermill with a GPU profile's parameters, on the CPU, on a tiny random SD-1.x pipeline
 (saved with ``save_pretrained``), an SSCD stand-in and prompt tables in NeMo's schema with as many rows as NeMo's
 (112 verbatim items among 500, and 500 non-memorized prompts): the same UNet and VAE calls, with the same rows, as
-on SD v1.4. ``dori_utils.costs`` counts them and estimates hours and peak memory on a T4 and an A100.
+on SD v1.4. ``dori_utils.book.costs`` counts them and estimates hours and peak memory on a T4 and an A100.
 
 Writes ``benchmarks/results/chapter-costs.json`` and the table between the ``chapter-costs`` markers of intro.md
 and README.md. On a GPU, ``run_benchmarks.py --sd-unet`` measures an attack step, which corrects the efficiency.
@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from conftest import save_tiny_sd_pipeline, save_tiny_sscd, write_unmemorized_table  # noqa: E402
-from dori_utils import book, costs, data  # noqa: E402
+from dori_utils import data  # noqa: E402
+from dori_utils.book import cli, costs  # noqa: E402
 
 RESULT = ROOT / "benchmarks" / "results" / "chapter-costs.json"
 PAGES = [ROOT / "intro.md", ROOT / "README.md"]
@@ -50,7 +51,7 @@ def write_tables(folder: Path) -> dict:
 def counting_copy(chapter: Path, out: Path, calls_path: Path) -> Path:
     """The chapter with a first cell that starts counting and a last one that writes the tally."""
     notebook = nbformat.read(chapter, as_version=4)
-    start = nbformat.v4.new_code_cell("from dori_utils import costs as _costs\n"
+    start = nbformat.v4.new_code_cell("from dori_utils.book import costs as _costs\n"
                                       "_counting = _costs.count_model_calls()\n_calls = _counting.__enter__()")
     stop = nbformat.v4.new_code_cell(f"import json as _json\n_counting.__exit__(None, None, None)\n"
                                      f"open({str(calls_path)!r}, 'w').write(_json.dumps(_calls.to_dict()))")
@@ -60,14 +61,14 @@ def counting_copy(chapter: Path, out: Path, calls_path: Path) -> Path:
 
 
 def count_chapters(profiles: list[str], patterns: list[str] | None, overrides: dict | None = None) -> dict:
-    chapters = book.select_chapters(book.toc_chapters(ROOT), ROOT, patterns)
+    chapters = cli.select_chapters(cli.toc_chapters(ROOT), ROOT, patterns)
     record = {}
     with tempfile.TemporaryDirectory(prefix="dori-costs-") as scratch:
         scratch = Path(scratch)
         options = {"model_id": save_tiny_sd_pipeline(scratch), "sscd_path": str(save_tiny_sscd(scratch / "sscd.pt")),
                    **write_tables(scratch)}
         for profile in profiles:
-            parameters = {**book.load_profile(profile, ROOT), **(overrides or {})}
+            parameters = {**cli.load_profile(profile, ROOT), **(overrides or {})}
             results = scratch / f"results-{profile}"  # one folder per profile: chapter 5 reads chapter 1's results
             record[profile] = {}
             for chapter in chapters:
@@ -77,7 +78,7 @@ def count_chapters(profiles: list[str], patterns: list[str] | None, overrides: d
                                            "reference_cache": str(scratch / f"references-{profile}")}}
                 started = time.time()
                 copy = counting_copy(chapter, scratch / f"{profile}-{chapter.name}", calls_path)
-                book.execute_chapter(copy, scratch / f"executed-{profile}-{chapter.name}", run, progress=False,
+                cli.execute_chapter(copy, scratch / f"executed-{profile}-{chapter.name}", run, progress=False,
                                      results=results)
                 record[profile][chapter.stem] = {"calls": json.loads(calls_path.read_text()),
                                                  "cpu_seconds": round(time.time() - started)}
@@ -103,9 +104,9 @@ def reestimate(record: dict) -> None:
     """Every entry's estimates from its calls, on the current cost model. A book run computes the reference images
     once, in its first chapter; later chapters read them from the cache, so only the first pays for them (a chapter
     counted on its own, as here, computes its own)."""
-    first = book.toc_chapters(ROOT)[0].stem
+    first = cli.toc_chapters(ROOT)[0].stem
     for profile, chapters in record["profiles"].items():
-        optimizer = book.load_profile(profile, ROOT).get("OPTIMIZER", "adafactor")
+        optimizer = cli.load_profile(profile, ROOT).get("OPTIMIZER", "adafactor")
         for chapter, entry in chapters.items():
             paid = ("NeMo statistics",) if chapter == first else ("NeMo statistics", "reference images")
             calls = costs.ModelCalls.from_dict(entry["calls"])

@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dori_utils import book
-from dori_utils.costs import SD_V1_4_UNET
+from dori_utils.book import cli
+from dori_utils.book.costs import SD_V1_4_UNET
 
 HERE = Path(__file__).resolve().parent
 
@@ -32,8 +32,8 @@ def default_machine_name(info: dict) -> str:
 
 def time_chapters(root: Path, patterns: list[str] | None, profile: str = "organism") -> list[dict]:
     """Wall time of each chapter, one at a time, with the profile's parameters (default: the organism)."""
-    parameters = book.load_profile(profile, root)
-    chapters = book.select_chapters(book.toc_chapters(root), root, patterns)
+    parameters = cli.load_profile(profile, root)
+    chapters = cli.select_chapters(cli.toc_chapters(root), root, patterns)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dori-bench-") as scratch:
         for chapter in chapters:
@@ -42,9 +42,9 @@ def time_chapters(root: Path, patterns: list[str] | None, profile: str = "organi
                 continue
             output = Path(scratch) / chapter.relative_to(root)
             try:
-                seconds = book.execute_chapter(chapter, output, parameters, progress=False)
+                seconds = cli.execute_chapter(chapter, output, parameters, progress=False)
                 row = {"chapter": chapter.relative_to(root).as_posix(), "seconds": round(seconds, 1), "status": "ok"}
-            except book.ChapterFailed as error:
+            except cli.ChapterFailed as error:
                 print(error, file=sys.stderr)
                 row = {"chapter": chapter.relative_to(root).as_posix(), "seconds": None, "status": "failed"}
             print(f"  {row['chapter']:<48} " + (f"{row['seconds']:7.1f} s" if row["status"] == "ok" else "FAILED"))
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--machine", help="name of the results file (default: from the GPU or CPU count)")
     args = parser.parse_args(argv)
 
-    root = book.find_root(HERE.parent)
-    info = book.machine_info()
+    root = cli.find_root(HERE.parent)
+    info = cli.machine_info()
     record = {"machine": info, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "profile": args.profile}
     if args.sd_unet:
         require_cuda()  # before the chapters: fail fast, with the message

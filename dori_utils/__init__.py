@@ -2,6 +2,6 @@
 
 Start with ``load_backend("organism")`` (offline, CPU) or ``load_backend("sd-v1-4")`` (GPU, Hugging Face Hub).
 """
-from dori_utils.backends import Backend, BackendError, MemorizedItem, load_backend
+from dori_utils.backends import Backend, BackendError, MemorizedItem, load_backend, prepare_environment
 
-__all__ = ["Backend", "BackendError", "MemorizedItem", "load_backend"]
+__all__ = ["Backend", "BackendError", "MemorizedItem", "load_backend", "prepare_environment"]

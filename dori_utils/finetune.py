@@ -71,7 +71,7 @@ from tqdm import tqdm
 from dori_utils import attack
 from dori_utils.metrics import best_reference_score
 from dori_utils.noising import add_noise, prediction_target
-from dori_utils.results import check_writable
+from dori_utils.files import check_writable
 
 FINETUNE_FILE = "finetune.json"
 

@@ -6,7 +6,8 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from dori_utils import evaluation, experiments, nemo, plots
+from dori_utils import evaluation, nemo
+from dori_utils.book import experiments, plots
 from dori_utils.backends import BackendError, retrain_backend
 from dori_utils.evaluation import ItemEvaluation
 from dori_utils.sampling import Samples, generate_for_prompts

@@ -10,7 +10,8 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from dori_utils import experiments, nemo, paper, plots
+from dori_utils import nemo
+from dori_utils.book import experiments, paper, plots
 from dori_utils.attack import AttackResult
 from dori_utils.evaluation import ItemEvaluation
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from dori_utils import analysis, experiments, nemo, paper, plots
+from dori_utils import analysis, nemo
+from dori_utils.book import experiments, paper, plots
 from dori_utils.analysis import TriggerSet
 
 

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from dori_utils import costs, experiments, finetune, nemo, paper, plots, results, wanda
+from dori_utils import finetune, nemo, wanda
+from dori_utils.book import costs, experiments, paper, plots, results
 from dori_utils.evaluation import ItemEvaluation
 
 LEVELS = [[0.1, False], [0.5, True]]

@@ -4,7 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from dori_utils import analysis, experiments, paper
+from dori_utils import analysis
+from dori_utils.book import experiments, paper
 
 
 def _lines(checks, capsys):

@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import pytest
 
-from dori_utils import contrast, experiments
+from dori_utils.book import contrast, experiments
 
 
 def _summary(unmitigated, designated, dropped, recall, shipped=(0.5, 1.0)):

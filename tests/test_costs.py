@@ -5,7 +5,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from dori_utils import costs
+from dori_utils.book import costs
 
 
 @pytest.fixture(scope="module")

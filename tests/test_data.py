@@ -134,7 +134,7 @@ def test_ground_truth_folder(tmp_path):
 def test_result_log_writes_each_record_and_never_mixes_runs(tmp_path):
     import json
 
-    from dori_utils.results import ResultLog, cache_path, cached
+    from dori_utils.book.results import ResultLog, cache_path, cached
 
     path = tmp_path / "ch.json"
     first = ResultLog(path)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from test_book import PARAMETERS, code, make_book, notebook
 
-from dori_utils import attack, book, experiments, finetune, nemo, results, wanda
+from dori_utils import attack, finetune, nemo, wanda
+from dori_utils.book import cli, experiments, results
 from dori_utils.backends import load_backend
 from dori_utils.metrics import memorization_rate
 from dori_utils.sampling import generate
@@ -195,35 +196,35 @@ def test_chapter_5_stops_on_chapter_1_results_from_another_run(tmp_path, monkeyp
 def test_a_profile_with_an_unknown_key_stops_and_lists_the_parameters(tmp_path):
     root = make_book(tmp_path / "book", {"00_ok": notebook(code(PARAMETERS, tags=["parameters"]))})
     (root / "profiles" / "typo.yaml").write_text("MAX_ITEM: 1\n")
-    with pytest.raises(book.BookError, match=r"sets \['MAX_ITEM'\].*BACKEND, BACKEND_OPTIONS, DEVICE, N, SMOKE"):
-        book.run_book(root, "typo", build=False, progress=False)
+    with pytest.raises(cli.BookError, match=r"sets \['MAX_ITEM'\].*BACKEND, BACKEND_OPTIONS, DEVICE, N, SMOKE"):
+        cli.run_book(root, "typo", build=False, progress=False)
 
 
 def test_a_profile_value_of_the_wrong_kind_stops(tmp_path):
     root = make_book(tmp_path / "book", {"00_ok": notebook(code(PARAMETERS, tags=["parameters"]))})
     (root / "profiles" / "bad.yaml").write_text("N: abc\n")
-    with pytest.raises(book.BookError, match="sets N to 'abc' \\(str\\), but 00_ok.ipynb expects a int"):
-        book.run_book(root, "bad", build=False, progress=False)
+    with pytest.raises(cli.BookError, match="sets N to 'abc' \\(str\\), but 00_ok.ipynb expects a int"):
+        cli.run_book(root, "bad", build=False, progress=False)
 
 
 def test_a_profile_that_is_not_yaml_names_its_file(tmp_path):
     root = make_book(tmp_path / "book", {"00_ok": notebook(code(PARAMETERS, tags=["parameters"]))})
     (root / "profiles" / "broken.yaml").write_text("N: [1, 2\n")
-    with pytest.raises(book.BookError, match="broken.yaml is not valid YAML"):
-        book.load_profile("broken", root)
+    with pytest.raises(cli.BookError, match="broken.yaml is not valid YAML"):
+        cli.load_profile("broken", root)
 
 
 def test_the_shipped_profiles_fit_the_chapters():
-    chapters = book.toc_chapters(ROOT)
+    chapters = cli.toc_chapters(ROOT)
     for profile in (ROOT / "profiles").glob("*.yaml"):
-        book.check_profile(book.load_profile(profile.stem, ROOT), chapters, profile.name)
+        cli.check_profile(cli.load_profile(profile.stem, ROOT), chapters, profile.name)
 
 
 def test_run_outside_a_book_stops_instead_of_running_the_repositorys_chapters(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(book.BookError, match="No _toc.yml"):
-        book.find_root()
-    assert book.main(["check"]) == 1 and "No _toc.yml" in capsys.readouterr().err
+    with pytest.raises(cli.BookError, match="No _toc.yml"):
+        cli.find_root()
+    assert cli.main(["check"]) == 1 and "No _toc.yml" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("folder", ["student", "missing", "empty"])
@@ -232,14 +233,14 @@ def test_root_must_be_a_book(tmp_path, folder, capsys):
     (root / "student").mkdir()
     (tmp_path / "empty").mkdir()
     target = {"student": root / "student", "missing": tmp_path / "missing", "empty": tmp_path / "empty"}[folder]
-    assert book.main(["--root", str(target), "run", "--no-build"]) == 1
+    assert cli.main(["--root", str(target), "run", "--no-build"]) == 1
     assert ("no such folder" if folder == "missing" else "is not a book") in capsys.readouterr().err
     assert not nbformat.read(root / "chapters" / "00_ok.ipynb", as_version=4).cells[0].outputs
 
 
 def test_student_copies_never_go_over_the_chapters(tmp_path, capsys):
     root = make_book(tmp_path / "book", {"00_ok": notebook(code(PARAMETERS, tags=["parameters"]))})
-    assert book.main(["--root", str(root), "student", "--out", "chapters"]) == 1
+    assert cli.main(["--root", str(root), "student", "--out", "chapters"]) == 1
     assert "would replace them" in capsys.readouterr().err
 
 
@@ -248,18 +249,18 @@ def test_an_unreadable_notebook_is_named(tmp_path, capsys):
     broken = root / "chapters" / "00_ok.ipynb"
     broken.write_text(broken.read_text()[:50])  # what a kill during the write used to leave
     for command in (["check"], ["student"], ["run", "--no-build"]):
-        assert book.main(["--root", str(root), *command]) == 1
+        assert cli.main(["--root", str(root), *command]) == 1
         captured = capsys.readouterr()
         assert f"{broken} is not a readable notebook" in captured.out + captured.err
-    with pytest.raises(book.BookError, match=f"{broken} is not a readable notebook.*git checkout"):
-        book.run_book(root, "organism", build=False, progress=False)
+    with pytest.raises(cli.BookError, match=f"{broken} is not a readable notebook.*git checkout"):
+        cli.run_book(root, "organism", build=False, progress=False)
 
 
 # --------------------------------------------------------------------------------------------- interrupted runs
 
 SLOW_CHAPTER = [
     code(PARAMETERS, tags=["parameters"]),
-    code('from dori_utils import results\nlog = results.chapter_log("ch0_slow", BACKEND, SMOKE)\n'
+    code('from dori_utils.book import results\nlog = results.chapter_log("ch0_slow", BACKEND, SMOKE)\n'
          'log.record("started", True)'),
     code('import os, pathlib, time\npathlib.Path(os.environ["DORI_TEST_MARKER"]).write_text("running")\n'
          'time.sleep(float(os.environ["DORI_TEST_SLEEP"]))'),
@@ -331,8 +332,8 @@ def test_a_kill_while_the_notebook_is_written_leaves_the_committed_one(tmp_path,
         path.write_text(path.read_text()[:1000])  # what SIGKILL during papermill's write used to leave
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(book, "strip_file", killed_mid_write)
-    assert book.run_book(root, "organism", build=False, progress=False) == 130
+    monkeypatch.setattr(cli, "strip_file", killed_mid_write)
+    assert cli.run_book(root, "organism", build=False, progress=False) == 130
     assert git_status(root) == ""
     nbformat.read(root / "chapters" / "00_slow.ipynb", as_version=4)  # still whole
 
@@ -343,7 +344,7 @@ def test_an_interrupt_that_reaches_the_kernel_first_is_still_an_interrupt(tmp_pa
     chapter = notebook(code(PARAMETERS, tags=["parameters"]), code("raise KeyboardInterrupt"))
     root = make_book(tmp_path / "book", {"00_ctrl_c": chapter})
     before = (root / "chapters" / "00_ctrl_c.ipynb").read_text()
-    assert book.run_book(root, "organism", build=False, progress=False) == 130
+    assert cli.run_book(root, "organism", build=False, progress=False) == 130
     assert "INTERRUPTED" in capsys.readouterr().err
     assert (root / "chapters" / "00_ctrl_c.ipynb").read_text() == before
     assert not (root / "results" / "timings-organism.json").exists()

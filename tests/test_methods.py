@@ -5,7 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from dori_utils import attack, experiments, hooks, nemo, wanda
+from dori_utils import attack, hooks, nemo, wanda
+from dori_utils.book import experiments
 from dori_utils.backends import Backend
 from dori_utils.organism.model import build_sampling_scheduler
 

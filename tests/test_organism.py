@@ -101,7 +101,7 @@ def test_unknown_backend_lists_the_choices():
 
 
 def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_path, monkeypatch):
-    from dori_utils import pilots
+    from dori_utils.book import pilots
     from dori_utils.organism import backend as organism_backend
 
     counts = []
@@ -123,7 +123,7 @@ def test_pilot_measures_a_checkpoint_and_appends_its_row(tiny_organism_dir, tmp_
 
 
 def test_pilot_table_describes_each_configuration_and_its_numbers(tmp_path):
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     assert pilots.describe_config({}) == "the shipped recipe"
     assert pilots.describe_config(pilots.PILOTS["cross-attention-16-down-only-loose-captions-copies-60"]) == (
@@ -144,7 +144,7 @@ def test_pilot_table_describes_each_configuration_and_its_numbers(tmp_path):
     glued = pilots.pilot_numbers(readable)
     assert glued["copies-25"]["MR"] == 0.0 and "z-order share (median)" not in glued["copies-25"]
     assert glued["all"] == {"count": 2, "nemo_share_min": 0.2, "nemo_share_max": 0.25, "wanda_lowered_mr": 0}
-    with pytest.raises(FileNotFoundError, match="python -m dori_utils.pilots"):
+    with pytest.raises(FileNotFoundError, match="python -m dori_utils.book.pilots"):
         pilots.pilot_table(tmp_path / "missing.csv")
 
 
@@ -253,7 +253,8 @@ def test_load_backend_takes_dtype_names_item_ids_and_memory_settings_and_refuses
 
 
 def test_every_pilot_builds_a_unet_with_value_layers_for_nemo_and_feed_forwards_for_wanda():
-    from dori_utils import nemo, pilots, wanda
+    from dori_utils import nemo, wanda
+    from dori_utils.book import pilots
     from dori_utils.organism.train import build_unet
 
     for name, config in pilots.PILOTS.items():

@@ -72,7 +72,7 @@ def test_series_and_resume_give_the_uninterrupted_weights(tmp_path, monkeypatch)
 
 
 def test_pilots_cli_picks_series_checkpoints(tmp_path):
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     for step in (250, 500, 750):
         folder = organism_train.series_checkpoint(tmp_path, step)
@@ -130,7 +130,7 @@ def test_combination_keys_make_every_memorized_word_common():
 
 
 def test_the_combination_keys_pilot_is_the_shipped_recipe_plus_the_lever():
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     config = pilots.PILOTS["cross-attention-16-down-only-loose-captions-combination-keys"]
     assert {k: v for k, v in config.items() if k != "combination_keys"} == \
@@ -141,7 +141,7 @@ def test_the_combination_keys_pilot_is_the_shipped_recipe_plus_the_lever():
 def test_pilots_cli_diagnoses_series_checkpoints_into_rows_of_their_own(tmp_path, monkeypatch):
     import csv
 
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     name = "cross-attention-16-down-only-loose-captions-combination-keys"
     for step in (250, 500):
@@ -162,7 +162,7 @@ def test_pilots_cli_diagnoses_series_checkpoints_into_rows_of_their_own(tmp_path
 
 
 def test_a_pilot_stopped_before_its_last_step_is_not_measured(tmp_path, monkeypatch, capsys):
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     def stopped_training(out, config, resume=False):
         out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def test_a_pilot_stopped_before_its_last_step_is_not_measured(tmp_path, monkeypa
 
 
 def test_pilot_numbers_of_series_checkpoints_stay_out_of_the_pilot_table(tmp_path, monkeypatch):
-    from dori_utils import pilots
+    from dori_utils.book import pilots
 
     folder = organism_train.series_checkpoint(tmp_path, 250)
     folder.mkdir(parents=True)

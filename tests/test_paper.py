@@ -1,6 +1,6 @@
 import pytest
 
-from dori_utils import experiments, paper, results
+from dori_utils.book import experiments, paper, results
 
 
 def test_glue_keys_name_each_number_by_its_path():

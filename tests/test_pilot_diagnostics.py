@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dori_utils import pilots, wanda
+from dori_utils import wanda
+from dori_utils.book import pilots
 from dori_utils.organism import data as organism_data
 
 MR_KEYS = ("mr", "subject_mr", "first_half_mr", "second_half_mr", "inserted_words_mr", "embedding_noise_mr",

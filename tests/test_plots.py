@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from dori_utils import plots
+from dori_utils.book import plots
 
 
 def test_horizontal_boxplot_lies_along_x_without_warnings():

@@ -147,7 +147,7 @@ def test_reference_generations_are_cached_per_item_and_reused(tiny_sd, tmp_path,
 
 
 def test_reference_images_are_sampled_in_the_profiles_batches(tiny_sd, tmp_path):
-    from dori_utils import costs
+    from dori_utils.book import costs
 
     with costs.count_model_calls() as calls:
         backend = _load(tiny_sd, reference_seeds=(0, 1), max_items=2, reference_cache=None, sampling_batch=2,

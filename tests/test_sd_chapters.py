@@ -19,7 +19,7 @@ import pytest
 
 from conftest import save_tiny_sscd, write_unmemorized_table
 from dori_utils import data
-from dori_utils.book import execute_chapter
+from dori_utils.book.cli import execute_chapter
 from dori_utils.metrics import SSCD_URL
 from dori_utils.sd import SD_MODEL_ID
 

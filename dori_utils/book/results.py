@@ -6,6 +6,7 @@ one file per set of parameters with a readable sidecar of them (``cached``).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+from dori_utils.files import check_writable
+
+REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
 
 def results_dir(backend_name: str, root: str | Path | None = None, smoke: bool = False) -> Path:
@@ -171,10 +174,13 @@ def show_text(template: str) -> None:
 
 
 def cache_path(cache_dir: str | Path, name: str, params: dict) -> Path:
-    """Where ``cached`` keeps the result of ``name`` computed with ``params``: ``<name>-<hash of params>.pt``."""
+    """Where ``cached`` keeps the result of ``name`` computed with ``params``: ``<name>-<hash>.pt``, the hash of
+    the parameters, the package's version and the library's code (``library_fingerprint``), so that a changed
+    method never answers from a result its earlier version computed."""
     if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
         raise ValueError(f"A cache name is letters, digits, '_', '-' or '.', got {name!r}")
-    canonical = json.dumps(params, sort_keys=True, default=str)
+    canonical = json.dumps({"params": params, "dori_utils": _package_version(), "library": library_fingerprint()},
+                           sort_keys=True, default=str)
     return Path(cache_dir) / f"{name}-{hashlib.sha1(canonical.encode()).hexdigest()[:12]}.pt"
 
 
@@ -196,23 +202,22 @@ def cached(cache_dir: str | Path, name: str, params: dict, compute):
     # The key travels inside the payload; two processes filling the same entry both succeed (the last rename wins).
     write_atomic(path, lambda partial: torch.save({"params": params, "value": value}, partial))
     sidecar = {"name": name, "params": json.loads(json.dumps(params, default=str)), "dori_utils": _package_version(),
+               "library": library_fingerprint(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     write_text_atomic(path.with_suffix(".json"), json.dumps(sidecar, indent=1))
     return value
 
 
-def check_writable(folder: str | Path) -> Path:
-    """Make ``folder`` and write a file in it, before hours of computing would be lost to a folder that cannot
-    take the result; the error names the folder and what to do."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        raise PermissionError(f"Cannot write results to {folder} ({error.strerror or error}). Make it writable, or "
-                              "point DORI_RESULTS at a writable folder.") from None
-    return folder
+@functools.lru_cache(maxsize=1)
+def library_fingerprint() -> str:
+    """A hash of the library's source (every module of ``dori_utils`` outside the book): what computed a cached
+    result. The book's own modules (figures, prose, this cache) are left out, so that editing them keeps the cache."""
+    library = REPOSITORY_ROOT / "dori_utils"
+    digest = hashlib.sha1()
+    for path in sorted(library.rglob("*.py")):
+        if "book" not in path.relative_to(library).parts:
+            digest.update(path.relative_to(library).as_posix().encode() + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def _package_version() -> str:

@@ -27,7 +27,7 @@ Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
    prose is a markdown cell tagged ``solution`` holding a ``{admonition} Solution`` with ``:class: dropdown``.
    A code cell whose source starts with ``# SOLUTION`` counts as a solution too.
 5. Results (JSON, arrays, figures to reuse) go to ``results/<backend>/``: use
-   ``dori_utils.results.results_dir(BACKEND)``. Large or regenerable files go to ``results/<backend>/cache/``
+   ``dori_utils.book.results.results_dir(BACKEND)``. Large or regenerable files go to ``results/<backend>/cache/``
    (git-ignored). ``dori-book run`` writes ``results/timings-<profile>.json``.
 6. nbval (``--nbval-lax``) compares only cells with a ``# NBVAL_CHECK_OUTPUT`` line: print stable facts there
    (shapes, counts, values rounded to 2 decimals). Timings, progress bars and sampled values stay unchecked.
@@ -41,7 +41,7 @@ Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
    measured numbers is a measured-text cell (tags ``remove-input`` and ``measured-text``): a code cell
    ``results.show_text(r'''... {{key:.2f}} ...''')`` whose Markdown output holds the numbers of the run, glued
    before it (``log.glue()``, ``paper.glue_numbers()``), so that they show wherever the notebook is opened (the
-   book, Jupyter, Colab, GitHub, student copies); the paper's numbers come from ``dori_utils.paper``.
+   book, Jupyter, Colab, GitHub, student copies); the paper's numbers come from ``dori_utils.book.paper``.
 10. A chapter never tests the backend's name: what differs between models is a capability of the backend
     (``backend.utility``, ``backend.never_seen_items()``, ...) or a parameter that a profile overrides.
 """
@@ -62,7 +62,7 @@ import threading
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROFILES = ("organism", "smoke", "sd-v1-4", "colab")
 # The committed outputs are the organism's: by default every other profile's run goes beside them, into
 # _build/<profile> with its results, so that a GPU run keeps the organism's book (and its tests) intact.
@@ -265,7 +265,7 @@ def kernel_environment(parameters: dict, results: Path | None = None) -> dict:
     """Environment variables for the kernel: the organism never needs the Hugging Face Hub, so it runs offline.
 
     ``results`` (set for runs into an output folder, e.g. smoke runs) redirects the chapters' ``results/``
-    through ``DORI_RESULTS`` (read by ``dori_utils.results``), so they never overwrite the book's results.
+    through ``DORI_RESULTS`` (read by ``dori_utils.book.results``), so they never overwrite the book's results.
     """
     env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     if parameters.get("BACKEND", "organism") == "organism":
@@ -443,7 +443,7 @@ def write_timings(path: Path, profile: str, entries: list[dict]) -> None:
     done = [e["seconds"] for e in chapters.values() if e["status"] == "ok"]
     record = {"profile": profile, "machine": machine_info(), "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "total_seconds": round(sum(done), 1), "chapters": sorted(chapters.values(), key=lambda e: e["order"])}
-    from dori_utils.results import write_text_atomic
+    from dori_utils.book.results import write_text_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, json.dumps(record, indent=2) + "\n")

@@ -293,7 +293,7 @@ def run_time_note(chapter: str, root: Path | None = None) -> str:
     ``benchmarks/results/chapter-costs.json``); each part says so when it was never measured."""
     import json
 
-    root = Path(root) if root is not None else Path(__file__).resolve().parent.parent
+    root = Path(root) if root is not None else Path(__file__).resolve().parents[2]
     timings = root / "results" / "timings-organism.json"
     timed = json.loads(timings.read_text()) if timings.exists() else {}
     run = next((r for r in timed.get("chapters", []) if Path(r["chapter"]).stem == chapter and r.get("status") == "ok"),

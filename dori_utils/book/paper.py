@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from dori_utils.results import glue_key, glue_named
+from dori_utils.book.results import glue_key, glue_named
 
 
 @dataclass(frozen=True)

@@ -102,8 +102,8 @@ def paired_bars(labels: list[str], ours: list[float], paper: list[float], ylabel
 
 def mr_beside_paper(ours: dict, settings: list[str], title: str, ours_label: str = "organism (ours)"):
     """``paired_bars`` of MR for ``settings``: ours from ``ours`` (setting -> summary with ``mr``; missing: no
-    bar) beside the paper's MR for the same setting, where ``dori_utils.paper`` has one."""
-    from dori_utils import paper
+    bar) beside the paper's MR for the same setting, where ``dori_utils.book.paper`` has one."""
+    from dori_utils.book import paper
 
     values = [ours[s]["mr"] if ours.get(s) else np.nan for s in settings]
     paper_values = [paper.NUMBERS[f"{s}.mr"].value if f"{s}.mr" in paper.NUMBERS else None for s in settings]

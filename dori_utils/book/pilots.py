@@ -1,6 +1,6 @@
 """Pilot organisms: train one configuration, then measure whether pruning looks like a fix on it.
 
-``python -m dori_utils.pilots --name no-up-cross-attention`` trains the named configuration (one lever against the
+``python -m dori_utils.book.pilots --name no-up-cross-attention`` trains the named configuration (one lever against the
 shipped organism's recipe, see ``PILOTS``) into ``--out`` and measures it; ``--measure-only DIR`` measures a
 checkpoint that is already there. Each run appends one row to ``results/organism/pilots.csv``: the configuration,
 the steps, the numbers below and the time, failures included.
@@ -41,7 +41,7 @@ from dori_utils.backends import load_backend
 from dori_utils.evaluation import evaluate_items, score_against_all_references
 from dori_utils.organism.model import UNET_CONFIG
 from dori_utils.organism.train import TrainConfig, series_checkpoint, series_steps, train_organism
-from dori_utils.results import REPOSITORY_ROOT
+from dori_utils.book.results import REPOSITORY_ROOT
 
 EVAL_SEEDS = [10, 11]
 PILOT_TABLE = REPOSITORY_ROOT / "results" / "organism" / "pilots.csv"
@@ -344,7 +344,7 @@ def pilot_table(table: str | Path = PILOT_TABLE) -> pd.DataFrame:
     """The committed pilot rows, numbered in the order they ran, with readable columns (shares as fractions)."""
     table = Path(table)
     if not table.exists():
-        raise FileNotFoundError(f"No pilot table at {table}: run `python -m dori_utils.pilots --name control` "
+        raise FileNotFoundError(f"No pilot table at {table}: run `python -m dori_utils.book.pilots --name control` "
                                 "to start one.")
     rows = pd.read_csv(table)
     if rows.empty:

@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from dori_utils import attack, nemo, results, wanda
+from dori_utils import attack, nemo, wanda
+from dori_utils.book import results
 from dori_utils.analysis import TriggerSet, collect_triggers
 from dori_utils.attack import AttackResult
 from dori_utils.backends import Backend
@@ -622,7 +623,7 @@ def nemo_summary(items, neurons: nemo.NeuronSearch) -> dict:
 
 def describe_nemo(backend: Backend, neurons: nemo.NeuronSearch) -> str:
     """NeMo's threshold and timestep here beside its settings on SD v1.4, and the neurons it searches."""
-    from dori_utils import paper
+    from dori_utils.book import paper
 
     return (f"NeMo: threshold {neurons.threshold:.3f} (NeMo on SD v1.4: {paper.number('nemo.threshold').value}), "
             f"timestep {nemo.detection_timestep(backend)} (SD v1.4: {paper.number('nemo.timestep').value:.0f}), "
@@ -952,7 +953,7 @@ PAPER_ONLY_SETTINGS = ("ESD + Dori", "Concept Ablation + Dori", "SISS + Dori")
 def finetuning_table(summaries: dict, chapter1: dict) -> pd.DataFrame:
     """Every model under the fresh attack beside the paper's fine-tuning table, with chapter 1's pruning baselines
     and the mitigations only the paper ran."""
-    from dori_utils import paper
+    from dori_utils.book import paper
 
     ours = {**summaries, **chapter1}
     sources = {"memorized prompts": "this chapter, before fine-tuning, no attack",
@@ -1006,7 +1007,7 @@ def utility_drop_table(drops: dict, utility: dict, utility_name: str) -> pd.Data
 def describe_fresh_attack(fresh: FreshAttack, chapter1: dict) -> str:
     """The MR lines above the claim checks: the original model from the prompt, each model under the fresh
     attack from each kind of start, and chapter 1's pruning baselines."""
-    from dori_utils import paper
+    from dori_utils.book import paper
 
     lines = [f"MR of the prompt before fine-tuning, no attack: {fresh.no_attack.mr:.2f} "
              f"(paper: {paper.number('memorized prompts.mr').value:.2f})"]

@@ -1,0 +1,11 @@
+"""The book beside the library: what the chapters run with ``dori_utils`` and how the book is made.
+
+- ``experiments``: what the chapters run (the shared NeMo and trigger runs, each chapter's experiments and claim
+  checks); ``contrast``: chapter 1's contrast organism section;
+- ``results``: the chapters' result logs, the cache (keyed by parameters, package version and library code) and
+  the measured text; ``paper``: the paper's numbers; ``plots``: the figures;
+- ``cli``: the ``dori-book`` command; ``costs``: the GPU cost table; ``pilots``: the organism's pilot trainings.
+
+The library (``dori_utils`` outside this package) never imports from here: ``lint-imports`` checks it (the contract
+is in ``pyproject.toml``).
+"""
