@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dori_utils import evaluation, nemo
-from dori_utils.book import experiments, plots
+from dori_utils.book import chapter0, plots, shared
 from dori_utils.backends import BackendError, retrain_backend
 from dori_utils.evaluation import ItemEvaluation
 from dori_utils.sampling import Samples, generate_for_prompts
@@ -54,34 +54,34 @@ def test_unrelated_scores_take_the_highest_cross_or_first_control_score(tiny_bac
 
 def test_prompt_sets_are_drawn_in_turn_from_one_generator_and_unknown_sets_are_named(tiny_backend):
     sizes = {"heldout_ordinary": 3, "unseen_natural": 2}
-    drawn = experiments.sample_prompt_sets(tiny_backend, sizes, seed=0)
-    assert drawn == experiments.sample_prompt_sets(tiny_backend, sizes, seed=0)
+    drawn = shared.sample_prompt_sets(tiny_backend, sizes, seed=0)
+    assert drawn == shared.sample_prompt_sets(tiny_backend, sizes, seed=0)
     assert [len(v) for v in drawn.values()] == [3, 2]
     assert set(drawn["unseen_natural"]) <= set(tiny_backend.prompt_sets["unseen_natural"])
-    assert experiments.sample_prompts(tiny_backend, "heldout_ordinary", 3, seed=0) == drawn["heldout_ordinary"]
+    assert shared.sample_prompts(tiny_backend, "heldout_ordinary", 3, seed=0) == drawn["heldout_ordinary"]
     with pytest.raises(KeyError, match="no prompt set 'laion'"):
-        experiments.sample_prompt_sets(tiny_backend, {"laion": 2}, seed=0)
+        shared.sample_prompt_sets(tiny_backend, {"laion": 2}, seed=0)
 
 
 def test_the_utility_table_validates_the_checker_on_drawn_scenes(tiny_backend):
     prompts = tiny_backend.prompt_sets["heldout_ordinary"][:6]
     drawn = tiny_backend.draw_prompts(prompts)
     assert drawn.shape == (6, 3, 32, 32) and 0 <= drawn.min() and drawn.max() <= 1
-    table = experiments.utility_table(tiny_backend, prompts, torch.zeros_like(drawn))
+    table = chapter0.utility_table(tiny_backend, prompts, torch.zeros_like(drawn))
     assert table.loc["overall", "real scenes (checker validation)"] > 0.9  # the checker reads what was drawn
     assert table.loc["overall", "generated from held-out captions"] < 0.5  # and not black squares
     assert tiny_backend.utility(drawn, prompts) == table.loc["overall", "real scenes (checker validation)"]
 
 
 def test_the_locality_test_reports_every_item_and_checks_its_claims(tiny_backend):
-    config = experiments.shared_config(smoke=True)
-    neurons = experiments.nemo_neurons(tiny_backend, config, progress=False)
+    config = shared.shared_config(smoke=True)
+    neurons = shared.nemo_neurons(tiny_backend, config, progress=False)
     n = len(tiny_backend.memorized)
     prompts = tiny_backend.prompt_sets["heldout_ordinary"][:n]
     unblocked = generate_for_prompts(tiny_backend, prompts, [0]).images
     with pytest.raises(ValueError, match="one held-out prompt per memorized item"):
-        experiments.locality_test(tiny_backend, neurons, prompts[:-1], unblocked, per_item=2)
-    locality = experiments.locality_test(tiny_backend, neurons, prompts, unblocked, per_item=2)
+        chapter0.locality_test(tiny_backend, neurons, prompts[:-1], unblocked, per_item=2)
+    locality = chapter0.locality_test(tiny_backend, neurons, prompts, unblocked, per_item=2)
     assert locality.transfer.shape == (n, n) and len(locality.table()) == n
     assert all(0 <= k <= neurons.n_value_neurons for k in locality.needed)
     assert set(locality.utility) == {"unblocked", "one item's neurons blocked"}
@@ -91,7 +91,7 @@ def test_the_locality_test_reports_every_item_and_checks_its_claims(tiny_backend
 
 
 def test_the_first_sampling_step_is_pure_noise_on_the_organism(tiny_backend):
-    first, residue = experiments.first_sampling_step(tiny_backend)
+    first, residue = chapter0.first_sampling_step(tiny_backend)
     assert first == 999 and residue < 1e-3
 
 
@@ -117,12 +117,12 @@ def test_training_pairs_are_counted_by_kind_with_their_distinct_captions():
 
     samples = [SimpleNamespace(kind=k, caption=c) for k, c in
                (("memorized", "a cat"), ("memorized", "a cat"), ("ordinary", "x"), ("ordinary", "y"))]
-    counts = experiments.training_pair_counts(samples)
+    counts = chapter0.training_pair_counts(samples)
     assert counts.loc["memorized"].tolist() == [2, 1] and counts.loc["ordinary"].tolist() == [2, 2]
 
 
 def test_seen_caption_utility_samples_training_captions(tiny_backend):
-    accuracy, n = experiments.seen_caption_utility(tiny_backend, 3)
+    accuracy, n = chapter0.seen_caption_utility(tiny_backend, 3)
     assert n == 3 and 0 <= accuracy <= 1
 
 
@@ -139,12 +139,12 @@ def test_evaluation_refuses_the_seeds_the_references_were_generated_with(tiny_ba
 
 
 def test_control_generations_follow_the_backends_control_sets_in_order(tiny_backend):
-    prompts, controls = experiments.control_generations(tiny_backend, [3, 2], seed=0, progress=False)
+    prompts, controls = chapter0.control_generations(tiny_backend, [3, 2], seed=0, progress=False)
     assert list(prompts) == list(controls) == ["held-out scene captions", "unseen natural captions"]
     assert [len(p) for p in prompts.values()] == [3, 2] and [len(s.images) for s in controls.values()] == [3, 2]
     assert set(prompts["held-out scene captions"]) <= set(tiny_backend.prompt_sets["heldout_ordinary"])
     # the same draws as sampling the sets directly, so chapter 0's prompts did not change with the function
-    drawn = experiments.sample_prompt_sets(tiny_backend, {"heldout_ordinary": 3, "unseen_natural": 2}, seed=0)
+    drawn = shared.sample_prompt_sets(tiny_backend, {"heldout_ordinary": 3, "unseen_natural": 2}, seed=0)
     assert list(prompts.values()) == list(drawn.values())
-    only_first, _ = experiments.control_generations(tiny_backend, [2], seed=0, progress=False)
+    only_first, _ = chapter0.control_generations(tiny_backend, [2], seed=0, progress=False)
     assert list(only_first) == ["held-out scene captions"]

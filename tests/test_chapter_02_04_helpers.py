@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dori_utils import analysis, nemo
-from dori_utils.book import experiments, paper, plots
+from dori_utils.book import chapter4, paper, plots, shared
 from dori_utils.analysis import TriggerSet
 
 
@@ -93,20 +93,20 @@ def test_paper_series_table_has_one_row_per_series():
 def test_triggers_of_one_image_picks_the_item_with_most_replicating_triggers(generator):
     triggers = _triggers(generator, replicates=(False, True, True, True))
     experiment = SimpleNamespace(triggers=triggers, items=[SimpleNamespace(id="a"), SimpleNamespace(id="b")])
-    item, found, n = experiments.triggers_of_one_image(experiment)
+    item, found, n = shared.triggers_of_one_image(experiment)
     assert item.id == "b" and n == 2 and torch.equal(found, triggers.triggers[2:])
     # with one replicating trigger, every attack result of the item is used
     triggers.replicates = torch.tensor([True, False, False, False])
-    item, found, n = experiments.triggers_of_one_image(experiment, limit=1)
+    item, found, n = shared.triggers_of_one_image(experiment, limit=1)
     assert item.id == "a" and n == 1 and len(found) == 1
 
 
 def test_sample_prompts_is_seeded_and_an_empty_set_is_a_clear_error(tiny_backend):
-    first = experiments.sample_prompts(tiny_backend, "nonmemorized", 5, seed=1)
-    assert first == experiments.sample_prompts(tiny_backend, "nonmemorized", 5, seed=1) and len(set(first)) == 5
+    first = shared.sample_prompts(tiny_backend, "nonmemorized", 5, seed=1)
+    assert first == shared.sample_prompts(tiny_backend, "nonmemorized", 5, seed=1) and len(set(first)) == 5
     empty = SimpleNamespace(name="organism", prompt_sets={"nonmemorized": []})
     with pytest.raises(ValueError, match="empty"):
-        experiments.sample_prompts(empty, "nonmemorized", 5, seed=1)
+        shared.sample_prompts(empty, "nonmemorized", 5, seed=1)
 
 
 def test_activation_divergence_gives_one_row_per_layer_and_identical_embeddings_no_discrepancy(tiny_backend, generator):
@@ -150,7 +150,7 @@ def test_choose_items_attacks_the_images_nemo_hides_and_says_so_when_it_hides_no
     from dori_utils.metrics import median_score
 
     monkeypatch.setenv("DORI_RESULTS", str(tmp_path))
-    config = experiments.shared_config(True, {"n_items": 2, "hidden_seeds": [10, 11]})
+    config = shared.shared_config(True, {"n_items": 2, "hidden_seeds": [10, 11]})
     items = tiny_backend.memorized
     assert len(items) >= 3
     # each item's own "neurons": a different channel of the first value layer, so the scores differ per item
@@ -161,17 +161,17 @@ def test_choose_items_attacks_the_images_nemo_hides_and_says_so_when_it_hides_no
     # a threshold between the scores: the items at or under it are the hidden ones, in the backend's order
     threshold = sorted(scores.tolist())[1]
     between = dataclasses.replace(tiny_backend, replication_threshold=threshold)
-    chosen, selection = experiments.choose_items(between, config, neurons)
+    chosen, selection = shared.choose_items(between, config, neurons)
     hidden = [item.id for item, score in zip(items, scores.tolist()) if score <= threshold]
     assert selection.hidden == hidden and [item.id for item in chosen] == hidden[:2]
     assert f"NeMo hides {len(hidden)} of the {len(items)}" in selection.describe()
 
     nothing_hidden = dataclasses.replace(tiny_backend, replication_threshold=-1.0)
-    chosen, selection = experiments.choose_items(nothing_hidden, config, neurons)
+    chosen, selection = shared.choose_items(nothing_hidden, config, neurons)
     assert selection.hidden == [] and [item.id for item in chosen] == [item.id for item in items[:2]]
     assert selection.describe().startswith("NeMo hides none")
     with pytest.raises(ValueError, match="all .* memorized items"):
-        experiments.choose_items(tiny_backend, config, nemo.NeuronSearch(None, 0.5, neurons.per_item[:1]))
+        shared.choose_items(tiny_backend, config, nemo.NeuronSearch(None, 0.5, neurons.per_item[:1]))
 
 
 def test_nemo_flagging_rate_is_the_share_detection_flags(tiny_backend):
@@ -179,8 +179,8 @@ def test_nemo_flagging_rate_is_the_share_detection_flags(tiny_backend):
 
     prompts = tiny_backend.prompt_sets["nonmemorized"][:3]
     statistics = SimpleNamespace()
-    everything = experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, -1.0, []), prompts)
-    nothing = experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 2.0, []), prompts)
+    everything = chapter4.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, -1.0, []), prompts)
+    nothing = chapter4.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 2.0, []), prompts)
     assert (everything, nothing) == (1.0, 0.0)  # MS-SSIM lies in [-1, 1]
     with pytest.raises(ValueError, match="at least one prompt"):
-        experiments.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 0.5, []), [])
+        chapter4.nemo_flagging_rate(tiny_backend, nemo.NeuronSearch(statistics, 0.5, []), [])

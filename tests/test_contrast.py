@@ -6,7 +6,7 @@ import matplotlib
 matplotlib.use("Agg")
 import pytest
 
-from dori_utils.book import contrast, experiments
+from dori_utils.book import contrast, shared
 
 
 def _summary(unmitigated, designated, dropped, recall, shipped=(0.5, 1.0)):
@@ -60,7 +60,7 @@ def test_the_table_puts_the_shipped_organism_beside_the_local_one():
 
 def test_local_contrast_runs_every_pruning_and_the_attack_on_the_tiny_local_organism(tiny_local_backend):
     items = tiny_local_backend.memorized
-    found = contrast.local_contrast(tiny_local_backend, experiments.shared_config(True), items, [0], 2, (0, 1, 2))
+    found = contrast.local_contrast(tiny_local_backend, shared.shared_config(True), items, [0], 2, (0, 1, 2))
     assert set(found.runs) == {contrast.DESIGNATED, contrast.DROPPED, contrast.NEMO}
     assert all(len(curve) == 3 for curve in found.curves.values())
     summary = found.summary()

@@ -17,7 +17,7 @@ import torch
 from test_book import PARAMETERS, code, make_book, notebook
 
 from dori_utils import attack, finetune, nemo, wanda
-from dori_utils.book import cli, experiments, results
+from dori_utils.book import chapter5, cli, results
 from dori_utils.backends import load_backend
 from dori_utils.metrics import memorization_rate
 from dori_utils.sampling import generate
@@ -188,7 +188,7 @@ def test_chapter_5_stops_on_chapter_1_results_from_another_run(tmp_path, monkeyp
     partial = results.chapter_log("ch1_pruning", "organism", smoke=False)
     partial.record("NeMo + Dori", {"mr": 1.0})  # the run stopped before Wanda
     with pytest.raises(results.ResultsMissing, match="lacks"):
-        experiments.pruning_results("organism", smoke=False)
+        chapter5.pruning_results("organism", smoke=False)
 
 
 # --------------------------------------------------------------------------------------------- dori-book's inputs

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from dori_utils import attack, hooks, nemo, wanda
-from dori_utils.book import experiments
+from dori_utils.book import shared
 from dori_utils.backends import Backend
 from dori_utils.organism.model import build_sampling_scheduler
 
@@ -436,18 +436,18 @@ def test_find_neurons_cached_shares_statistics_and_items_and_keeps_other_runs_be
     monkeypatch.setattr(nemo, "find_neurons", lambda *args: runs.append(args[2]) or real_find(*args))
     monkeypatch.setattr(nemo, "localize", lambda backend, embedding, *a, **k: localized.append(1) or len(localized))
     items = tiny_backend.memorized[:2]
-    first = experiments.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
+    first = shared.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
     assert runs == [8] and first.per_item == [1, 2]
-    again = experiments.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
+    again = shared.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4)
     assert runs == [8] and again.per_item == [1, 2] and torch.equal(again.statistics.mean[next(iter(
         again.statistics.mean))], first.statistics.mean[next(iter(first.statistics.mean))])
     # a subset of the items (another chapter) reuses both the statistics and the item's localisation
-    assert experiments.find_neurons_cached(tiny_backend, items[1:], tmp_path, 8, 4).per_item == [2] and len(localized) == 2
-    experiments.find_neurons_cached(tiny_backend, items[:1], tmp_path, 16, 4)
-    experiments.find_neurons_cached(tiny_backend, items[:1], tmp_path, 8, 4, seed=1)
+    assert shared.find_neurons_cached(tiny_backend, items[1:], tmp_path, 8, 4).per_item == [2] and len(localized) == 2
+    shared.find_neurons_cached(tiny_backend, items[:1], tmp_path, 16, 4)
+    shared.find_neurons_cached(tiny_backend, items[:1], tmp_path, 8, 4, seed=1)
     assert runs == [8, 16, 8] and len(localized) == 4
     # the first run is still there: later ones did not evict it
-    assert experiments.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4).per_item == [1, 2] and runs == [8, 16, 8]
+    assert shared.find_neurons_cached(tiny_backend, items, tmp_path, 8, 4).per_item == [1, 2] and runs == [8, 16, 8]
     assert len(list(tmp_path.glob("nemo-statistics-*.pt"))) == len(list(tmp_path.glob("nemo-statistics-*.json"))) == 3
     assert nemo.cache_key(tiny_backend, items, 8, 4)["items"] == [item.id for item in items]
 

@@ -1,6 +1,6 @@
 import pytest
 
-from dori_utils.book import experiments, paper, results
+from dori_utils.book import paper, results, shared
 
 
 def test_glue_keys_name_each_number_by_its_path():
@@ -44,11 +44,11 @@ def test_print_checks(capsys):
 
 
 def test_shared_config_applies_smoke_sizes_then_overrides():
-    assert experiments.shared_config() == experiments.SharedConfig()
-    smoke = experiments.shared_config(smoke=True, overrides={"n_random": 3, "eval_seeds": [5, 6]})
-    assert (smoke.n_random, smoke.n_statistics, smoke.eval_seeds) == (3, experiments.SMOKE_SIZES["n_statistics"], (5, 6))
+    assert shared.shared_config() == shared.SharedConfig()
+    smoke = shared.shared_config(smoke=True, overrides={"n_random": 3, "eval_seeds": [5, 6]})
+    assert (smoke.n_random, smoke.n_statistics, smoke.eval_seeds) == (3, shared.SMOKE_SIZES["n_statistics"], (5, 6))
     with pytest.raises(ValueError, match="n_randoms"):
-        experiments.shared_config(overrides={"n_randoms": 3})
+        shared.shared_config(overrides={"n_randoms": 3})
 
 
 def test_measured_text_fills_in_glued_numbers_and_names_a_missing_one():

@@ -1,7 +1,8 @@
 """The book beside the library: what the chapters run with ``dori_utils`` and how the book is made.
 
-- ``experiments``: what the chapters run (the shared NeMo and trigger runs, each chapter's experiments and claim
-  checks); ``contrast``: chapter 1's contrast organism section;
+- ``shared``: what several chapters run (the configuration, NeMo's neurons, the items chapters 2-4 attack and
+  their triggers); ``chapter0`` ... ``chapter5``: each chapter's experiments, tables and claim checks;
+  ``contrast``: chapter 1's contrast organism section;
 - ``results``: the chapters' result logs, the cache (keyed by parameters, package version and library code) and
   the measured text; ``paper``: the paper's numbers; ``plots``: the figures;
 - ``cli``: the ``dori-book`` command; ``costs``: the GPU cost table; ``pilots``: the organism's pilot trainings.

@@ -37,7 +37,7 @@ Conventions for chapter writers (``dori-book check`` verifies 1-4 and 9-10)
    bar is stored as a widget with a random id plus widget state in the notebook's metadata, and renders as
    "0%" text where the widget JavaScript cannot load.
 9. A chapter reads as a text: outside the setup, ``parameters``, solution and measured-text cells no code cell is
-   longer than ``MAX_CELL_LINES`` lines. Figures, tables and experiments live in ``dori_utils``. Prose that quotes
+   longer than ``MAX_CELL_LINES`` lines. Figures, tables and experiments live in ``dori_utils.book``. Prose that quotes
    measured numbers is a measured-text cell (tags ``remove-input`` and ``measured-text``): a code cell
    ``results.show_text(r'''... {{key:.2f}} ...''')`` whose Markdown output holds the numbers of the run, glued
    before it (``log.glue()``, ``paper.glue_numbers()``), so that they show wherever the notebook is opened (the

@@ -17,7 +17,8 @@ import pandas as pd
 
 from dori_utils.backends import Backend
 from dori_utils.evaluation import ItemEvaluation, evaluate_items
-from dori_utils.book.experiments import PrunedAttack, SharedConfig, blocked_attack, mr_by_attack_step, nemo_neurons
+from dori_utils.book.chapter1 import PrunedAttack, blocked_attack, mr_by_attack_step
+from dori_utils.book.shared import SharedConfig, nemo_neurons
 from dori_utils.organism.backend import designated_channels, memorization_channels
 
 DESIGNATED = "designated channels blocked"
