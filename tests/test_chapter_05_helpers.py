@@ -2,6 +2,7 @@
 import contextlib
 import dataclasses
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import matplotlib
@@ -67,6 +68,22 @@ def test_finetuning_plan_passes_the_parameters_through_and_smoke_shrinks_them():
         _plan(not_a_setting=1)
     with pytest.raises(ValueError, match="SURROGATES must be one of"):
         _plan(surrogate_source="painted")
+
+
+def test_the_chapters_parameters_cell_becomes_its_plan_in_one_call():
+    cell = next("".join(c["source"]) for c in json.loads(
+        (Path(__file__).resolve().parent.parent / "chapters" / "05_adversarial_finetuning.ipynb").read_text())["cells"]
+        if "parameters" in c["metadata"].get("tags", []))
+    parameters = {}
+    exec(cell, parameters)
+    plan = chapter5.plan_from_parameters(parameters)
+    assert plan.seeds == parameters["SEEDS"] and plan.surrogate_source == parameters["SURROGATES"]
+    assert plan.finetune.attack_steps == parameters["TRAIN_ATTACK_STEPS"] and plan.finetune.lr == parameters["LEARNING_RATE"]
+    assert plan.finetune.steps_per_epoch == parameters["STEPS_PER_EPOCH"] and plan.n_utility == parameters["N_UTILITY"]
+    assert chapter5.plan_from_parameters({**parameters, "SMOKE": True}).finetune.epochs == 1
+    del parameters["EPOCHS"]
+    with pytest.raises(KeyError, match="EPOCHS"):
+        chapter5.plan_from_parameters(parameters)
 
 
 # --------------------------------------------------------------------------------------------- surrogates

@@ -68,6 +68,31 @@ def finetuning_plan(smoke: bool, *, seeds, max_items, surrogate_source, surrogat
                           finetune=FinetuneConfig(**sizes), **plan)
 
 
+# The chapter's parameters cell, name by name: the plan's field each sets, then FinetuneConfig's. Profiles set these
+# names, so they stay as the chapter spells them; this table is the one place that maps them.
+PLAN_PARAMETERS = {"SEEDS": "seeds", "MAX_ITEMS": "max_items", "SURROGATES": "surrogate_source",
+                   "SURROGATE_LEVELS": "surrogate_levels", "SURROGATE_MAX_SCORE": "surrogate_max_score",
+                   "SURROGATE_SEEDS": "surrogate_seeds", "N_PAIRS": "n_pairs", "N_UTILITY": "n_utility",
+                   "EVAL_ATTACK_STEPS": "eval_attack_steps", "EVAL_ATTACK_SEED": "eval_attack_seed",
+                   "EVAL_RANDOM_ITEMS": "eval_random_items"}
+FINETUNE_PARAMETERS = {"EPOCHS": "epochs", "STEPS_PER_EPOCH": "steps_per_epoch",
+                       "TRIGGERS_PER_ITEM": "triggers_per_item", "RANDOM_STARTS": "random_starts",
+                       "TRAIN_ATTACK_STEPS": "attack_steps", "TRAIN_ATTACK_BATCH": "attack_batch",
+                       "ATTACK_CHUNK": "attack_chunk", "DM_BATCH": "dm_batch", "ADV_BATCH": "adv_batch",
+                       "LEARNING_RATE": "lr", "OPTIMIZER": "optimizer", "GRADIENT_CHECKPOINTING": "gradient_checkpointing"}
+
+
+def plan_from_parameters(parameters: dict) -> FinetuningPlan:
+    """The chapter's plan from its parameters cell (pass ``globals()``): ``SMOKE`` and every name of
+    ``PLAN_PARAMETERS`` and ``FINETUNE_PARAMETERS``."""
+    names = ["SMOKE", *PLAN_PARAMETERS, *FINETUNE_PARAMETERS]
+    missing = [name for name in names if name not in parameters]
+    if missing:
+        raise KeyError(f"Chapter 5's parameters cell lacks {missing}: restore them (defaults in the chapter).")
+    return finetuning_plan(parameters["SMOKE"], **{field: parameters[name] for name, field in PLAN_PARAMETERS.items()},
+                           **{field: parameters[name] for name, field in FINETUNE_PARAMETERS.items()}, seed=0)
+
+
 def chapter_surrogates(backend: Backend, items, plan: FinetuningPlan):
     """The plan's surrogates: ``finetune.transformed_surrogates``, or ``finetune.pruned_surrogates`` for the plan's
     levels and seeds, cached under ``results/<backend>/cache`` (keyed by the UNet's weights, so a retrained model
