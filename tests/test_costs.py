@@ -17,21 +17,25 @@ def unet():
                                 attention_head_dim=4, norm_num_groups=8).requires_grad_(False)
 
 
-def test_calls_are_counted_by_phase_mode_and_rows(unet):
+def test_calls_are_counted_by_phase_mode_and_rows(unet, monkeypatch):
     x, t = torch.randn(3, 4, 8, 8), torch.tensor(10)
     text = torch.randn(3, 5, 8)
 
-    def dori_attack():  # a phase is read off the function names on the stack
+    def dori_attack():  # a phase is read off the functions on the stack
         embedding = text.clone().requires_grad_(True)
         unet(x[:2], t, embedding[:2]).sample.sum().backward()
 
+    @torch.no_grad()  # found under its decorator
     def reference_generations():
-        with torch.no_grad():
-            unet(x, t, text)
+        unet(x, t, text)
 
     def evaluate_items():
         reference_generations()  # references inside an evaluation count as references
 
+    phases = {name: () for name in costs.PHASES}
+    phases.update({"reference images": (reference_generations,), "Dori": (dori_attack,),
+                   "sampling and evaluation": (evaluate_items,)})
+    monkeypatch.setattr(costs, "_RANK", costs.phase_ranks(phases))
     with costs.count_model_calls() as calls:
         dori_attack()
         dori_attack()
@@ -53,6 +57,12 @@ def test_calls_are_counted_by_phase_mode_and_rows(unet):
                        ("other", "forward", "float32", False): (1, 1, 1),
                        ("other", "weight-grad", "float32", True): (3, 1, 3)}
     assert costs.ModelCalls.from_dict(calls.to_dict()).to_dict() == calls.to_dict()
+
+
+def test_every_phase_is_a_function_of_the_package_and_none_is_in_two_phases():
+    functions = [function for group in costs.PHASES.values() for function in group]
+    assert all(callable(f) and f.__module__.startswith("dori_utils") for f in functions)
+    assert len(costs.phase_ranks(costs.PHASES)) == len(functions)
 
 
 def test_vae_images_are_counted_with_their_dtype():

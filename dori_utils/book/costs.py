@@ -10,6 +10,7 @@ efficiency is one public sampling benchmark's, and nothing here has run on the G
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 import weakref
 from collections import defaultdict
@@ -17,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from dori_utils import analysis, attack, evaluation, finetune, nemo, sampling, sd, wanda
+from dori_utils.book import shared
 
 # Stable Diffusion v1.4's UNet (CompVis/stable-diffusion-v1-4, unet/config.json), to measure it without downloading
 # it; the rest are diffusers defaults that match it (32 groups, SiLU).
@@ -57,24 +61,34 @@ EFFICIENCY = 0.16
 
 # A call's phase is what the chapter was doing when it made it: of these functions on the stack, the one listed
 # first (reference images inside an evaluation are reference images; an attack inside fine-tuning is fine-tuning).
+# The functions themselves, not their names: a renamed function fails here, at import, instead of moving its cost.
 PHASES = {
-    "reference images": ("reference_generations",),
-    "fine-tuning": ("adversarial_finetune", "make_surrogates", "make_pairs"),
-    "NeMo statistics": ("activation_statistics", "calibrate_threshold"),
-    "NeMo": ("detect", "localize", "neurons_needed", "cross_item_blocking", "find_neurons", "nemo_neurons"),
-    "Dori": ("dori_attack", "denoising_loss", "collect_triggers"),
-    "Wanda": ("input_norms", "pruning_masks"),
-    "activations": ("layer_activations", "activation_divergence"),
-    "sampling and evaluation": ("generate", "evaluate_items", "generate_for_prompts"),
+    "reference images": (sd.reference_generations,),
+    "fine-tuning": (finetune.adversarial_finetune, finetune.make_surrogates, finetune.make_pairs),
+    "NeMo statistics": (nemo.activation_statistics, nemo.calibrate_threshold),
+    "NeMo": (nemo.detect, nemo.localize, nemo.neurons_needed, nemo.cross_item_blocking, nemo.find_neurons,
+             shared.nemo_neurons),
+    "Dori": (attack.dori_attack, attack.denoising_loss, analysis.collect_triggers),
+    "Wanda": (wanda.input_norms, wanda.pruning_masks),
+    "activations": (analysis.layer_activations, analysis.activation_divergence),
+    "sampling and evaluation": (sampling.generate, evaluation.evaluate_items, sampling.generate_for_prompts),
 }
-_RANK = {name: rank for rank, names in enumerate(PHASES.values()) for name in names}
+
+
+def phase_ranks(phases: dict) -> dict:
+    """Each phase function's code object (under its decorators) -> the rank of its phase."""
+    return {inspect.unwrap(function).__code__: rank for rank, functions in enumerate(phases.values())
+            for function in functions}
+
+
+_RANK = phase_ranks(PHASES)
 _PHASE_NAMES = list(PHASES)
 
 
 def _phase() -> str:
     best, frame = len(_PHASE_NAMES), sys._getframe(1)
     while frame is not None:
-        best = min(best, _RANK.get(frame.f_code.co_name, best))
+        best = min(best, _RANK.get(frame.f_code, best))
         frame = frame.f_back
     return _PHASE_NAMES[best] if best < len(_PHASE_NAMES) else "other"
 
