@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,11 +26,10 @@ from pathlib import Path
 import nbformat
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import save_tiny_sd_pipeline, save_tiny_sscd, write_unmemorized_table  # noqa: E402
-from dori_utils import data  # noqa: E402
-from dori_utils.book import cli, costs  # noqa: E402
+from dori_utils import data
+from dori_utils.book import cli, costs
+from dori_utils.book.tiny_sd import save_tiny_sd_pipeline, save_tiny_sscd, write_unmemorized_table
 
 RESULT = ROOT / "benchmarks" / "results" / "chapter-costs.json"
 PAGES = [ROOT / "intro.md", ROOT / "README.md"]

@@ -10,7 +10,7 @@ from dori_utils.backends import BackendError, load_backend
 from dori_utils.metrics import load_sscd, sscd_scorer
 from dori_utils.sampling import generate
 
-from conftest import save_tiny_sscd as _save_tiny_sscd
+from dori_utils.book.tiny_sd import save_tiny_sscd as _save_tiny_sscd
 
 # SSCD ships only as TorchScript, which torch 2.13 deprecates; the stand-in must be TorchScript too.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*deprecated:DeprecationWarning")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_sscd, write_unmemorized_table
+from dori_utils.book.tiny_sd import save_tiny_sscd, write_unmemorized_table
 from dori_utils import data
 from dori_utils.book.cli import execute_chapter
 from dori_utils.metrics import SSCD_URL
