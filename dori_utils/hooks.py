@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -34,27 +35,37 @@ def layer_names(unet: torch.nn.Module, suffix: str, blocks: tuple[str, ...] = ("
 
 
 @contextlib.contextmanager
+def forward_hooks(model: torch.nn.Module, names, make_hook: Callable[[str], Callable], pre: bool = False):
+    """Register ``make_hook(name)`` on each named module (a forward hook, or with ``pre`` a forward pre-hook) for
+    the block, and remove every one on exit, also after an exception: the one place hooks are registered."""
+    handles = []
+    try:
+        for name, module in modules_by_name(model, names).items():
+            register = module.register_forward_pre_hook if pre else module.register_forward_hook
+            handles.append(register(make_hook(name)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
 def zero_output_channels(model: torch.nn.Module, channels: dict[str, torch.Tensor | list[int]]):
     """Multiply the given output channels of each named Linear by 0, for every token and every batch row.
 
     Rows of the batch include both classifier-free-guidance branches, so both are blocked (as NeMo does).
     """
-    modules = modules_by_name(model, [n for n, idx in channels.items() if len(idx)])
-    handles = []
-    try:
-        for name, module in modules.items():
-            index = torch.as_tensor(channels[name], dtype=torch.long)
+    def make_hook(name):
+        index = torch.as_tensor(channels[name], dtype=torch.long)
 
-            def hook(_module, _inputs, output, index=index):
-                output = output.clone()
-                output[..., index.to(output.device)] = 0
-                return output
+        def hook(_module, _inputs, output):
+            output = output.clone()
+            output[..., index.to(output.device)] = 0
+            return output
+        return hook
 
-            handles.append(module.register_forward_hook(hook))
+    with forward_hooks(model, [n for n, idx in channels.items() if len(idx)], make_hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
@@ -62,57 +73,42 @@ def scale_output_channels(model: torch.nn.Module, scales: dict[str, torch.Tensor
     """Multiply each named module's output by ``scales[name]``: batch rows x channels, one row of channel
     factors per row of the batch. With 0/1 factors, different rows of one batch block different channels
     (NeMo's per-prompt neurons for several prompts at once)."""
-    modules = modules_by_name(model, list(scales))
-    handles = []
-    try:
-        for name, module in modules.items():
-            def hook(_module, _inputs, output, name=name):
-                scale = scales[name]
-                if output.shape[0] != scale.shape[0] or output.shape[-1] != scale.shape[1]:
-                    raise ValueError(f"{name}: scales are {tuple(scale.shape)} (rows x channels), but the batch "
-                                     f"gives an output of {tuple(output.shape)}")
-                view = (scale.shape[0],) + (1,) * (output.ndim - 2) + (scale.shape[1],)
-                return output * scale.to(output.device, output.dtype).view(view)
+    def make_hook(name):
+        def hook(_module, _inputs, output):
+            scale = scales[name]
+            if output.shape[0] != scale.shape[0] or output.shape[-1] != scale.shape[1]:
+                raise ValueError(f"{name}: scales are {tuple(scale.shape)} (rows x channels), but the batch "
+                                 f"gives an output of {tuple(output.shape)}")
+            view = (scale.shape[0],) + (1,) * (output.ndim - 2) + (scale.shape[1],)
+            return output * scale.to(output.device, output.dtype).view(view)
+        return hook
 
-            handles.append(module.register_forward_hook(hook))
+    with forward_hooks(model, list(scales), make_hook):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def capture_outputs(model: torch.nn.Module, names: list[str], detach: bool = True):
     """Record each named module's output on every forward call: ``{name: [tensor, ...]}``."""
     records: dict[str, list[torch.Tensor]] = defaultdict(list)
-    handles = []
-    try:
-        for name, module in modules_by_name(model, names).items():
-            def hook(_module, _inputs, output, name=name):
-                records[name].append(output.detach() if detach else output)
 
-            handles.append(module.register_forward_hook(hook))
+    def make_hook(name):
+        return lambda _module, _inputs, output: records[name].append(output.detach() if detach else output)
+
+    with forward_hooks(model, names, make_hook):
         yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
 def capture_inputs(model: torch.nn.Module, names: list[str], detach: bool = True):
     """Record the first positional input of each named module on every forward call."""
     records: dict[str, list[torch.Tensor]] = defaultdict(list)
-    handles = []
-    try:
-        for name, module in modules_by_name(model, names).items():
-            def hook(_module, inputs, name=name):
-                records[name].append(inputs[0].detach() if detach else inputs[0])
 
-            handles.append(module.register_forward_pre_hook(hook))
+    def make_hook(name):
+        return lambda _module, inputs: records[name].append(inputs[0].detach() if detach else inputs[0])
+
+    with forward_hooks(model, names, make_hook, pre=True):
         yield records
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager

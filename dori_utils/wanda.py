@@ -59,13 +59,8 @@ def input_norms(backend, embeddings: torch.Tensor, seeds: list[int], union_steps
             sums[name][step] = sums[name].get(step, 0) + squares
         return hook
 
-    modules = hooks.modules_by_name(backend.unet, layers)
-    handles = [module.register_forward_pre_hook(make_hook(name)) for name, module in modules.items()]
-    try:
+    with hooks.forward_hooks(backend.unet, layers, make_hook, pre=True):
         generate(backend, embeddings, seeds, on_step=on_step, stop_after=union_steps, **sampling_kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return {name: torch.stack([sums[name][s] for s in range(union_steps)]).sqrt() for name in layers}
 
 
