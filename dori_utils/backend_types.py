@@ -61,7 +61,6 @@ class Backend:
     num_inference_steps: int
     guidance_scale: float
     device: torch.device
-    dtype: torch.dtype
     # Where the weights come from and what identifies them (cache keys follow the fingerprint).
     source: str = ""  # a checkpoint folder or a Hub id
     fingerprint: str = ""
@@ -100,6 +99,12 @@ class Backend:
         if self._empty is None:
             self._empty = self.encode_prompts([""])
         return self._empty
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's dtype, read off its weights: what sampling and the attack cast their inputs to. Never stored
+        beside the weights, so a copy with another UNet (``with_unet``, fine-tuning in float32) cannot disagree."""
+        return next(self.unet.parameters()).dtype
 
     @property
     def attack_learning_rate(self) -> float:

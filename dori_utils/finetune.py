@@ -338,7 +338,7 @@ def adversarial_finetune(backend, items, surrogates: torch.Tensor, pairs: Traini
         unet = unet.float()  # train in float32 whatever the backend's dtype
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    work = dataclasses.replace(backend, unet=unet, dtype=torch.float32)  # what the attack sees
+    work = dataclasses.replace(backend, unet=unet)  # what the attack sees: a float32 UNet
     generator = torch.Generator().manual_seed(config.seed)
     scheduler = backend.scheduler
     n = len(items)

@@ -264,7 +264,6 @@ def load_stable_diffusion(
         sampling_batch=sampling_batch,  # before the reference images, which are sampled in batches of this size
         guidance_scale=7.0,
         device=device,
-        dtype=dtype,
         source=str(model_id),
         fingerprint=f"{model_id}@{unet_fingerprint(unet)}",
         tokenizer=tokenizer,

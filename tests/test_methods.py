@@ -127,7 +127,7 @@ def test_the_float16_attack_scales_its_loss_so_that_gradients_do_not_underflow(t
     with torch.no_grad():
         unet.conv_out.weight.mul_(1e-3), unet.conv_out.bias.mul_(1e-3)
     weak = dataclasses.replace(tiny_backend, unet=unet)
-    half = dataclasses.replace(tiny_backend, unet=copy.deepcopy(unet).half(), dtype=torch.float16)
+    half = dataclasses.replace(tiny_backend, unet=copy.deepcopy(unet).half())  # its dtype follows the UNet
     target = tiny_backend.memorized[0].references[:1]
     init = attack.random_embeddings(tiny_backend, 1)
     full = attack.dori_attack(weak, target, init, steps=3, batch_size=2)
@@ -267,7 +267,6 @@ def _planted_backend(planted, prediction_type="epsilon"):
         to_model_space=None, to_image_space=None, replication_score=None, replication_threshold=0.5,
         replication_metric="", memorized=[], prompt_sets={}, embedding_shape=(4, 8), latent_shape=(3, 32, 32),
         embedding_spread=1.0, num_inference_steps=10, guidance_scale=1.0, device=torch.device("cpu"),
-        dtype=torch.float32,
     )
 
 

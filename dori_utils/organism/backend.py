@@ -148,7 +148,6 @@ def load_organism(path: str | Path | None = None, device=None, dtype=torch.float
                              else int(manifest.get("sampling", {}).get("num_inference_steps", 20))),
         guidance_scale=float(manifest.get("sampling", {}).get("guidance_scale", 2.0)),
         device=device,
-        dtype=dtype,
         source=str(path),
         fingerprint=_file_digest(path / "unet" / "diffusion_pytorch_model.safetensors"),
         tokenizer=tokenizer,
