@@ -14,7 +14,7 @@ TINY_LOCAL = ["--tiny", "--steps", "2", "--save-every", "2", "--n-ordinary", "40
               "--memorization-channel-share", "0.5", "--item-channel-share", "0.25"]
 
 
-def _changed_value_channels(kind: str, item: str) -> tuple[dict, dict, dict]:
+def _changed_value_channels(kind: str, item: str, mode: str = "dropout") -> tuple[dict, dict, dict]:
     """One real training step (``train._train_step``, plain SGD so that nothing moves without a gradient) on a
     batch of one kind of pair; returns, per value layer, the ``to_v`` output channels whose weights moved and the
     ``to_out`` input channels whose weights moved, beside the designated channels."""
@@ -26,7 +26,7 @@ def _changed_value_channels(kind: str, item: str) -> tuple[dict, dict, dict]:
     before = copy.deepcopy(unet.state_dict())
     optimizer = torch.optim.SGD(unet.parameters(), lr=1.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = organism_train.TrainConfig(batch_size=4, caption_dropout=0.0)
+    config = organism_train.TrainConfig(batch_size=4, caption_dropout=0.0, tied_channels=mode)
     organism_train._train_step(config, unet, optimizer, schedule, torch.Generator().manual_seed(0),
                                build_training_scheduler(), samples, torch.rand(4, 3, 32, 32) * 2 - 1,
                                torch.randn(1, 16, 384), torch.zeros(4, dtype=torch.long), torch.randn(16, 384), [],
@@ -40,8 +40,9 @@ def _changed_value_channels(kind: str, item: str) -> tuple[dict, dict, dict]:
     return memorization, designated, moved_v, moved_out
 
 
-def test_a_memorized_pair_trains_only_its_own_designated_channels_among_the_memorization_channels():
-    memorization, designated, moved_v, moved_out = _changed_value_channels("memorized", "cat")
+@pytest.mark.parametrize("mode", organism_train.TIED_CHANNELS)
+def test_a_memorized_pair_trains_only_its_own_designated_channels_among_the_memorization_channels(mode):
+    memorization, designated, moved_v, moved_out = _changed_value_channels("memorized", "cat", mode)
     assert memorization
     for layer, channels in memorization.items():
         always_on = set(range(min(channels)))
@@ -51,11 +52,26 @@ def test_a_memorized_pair_trains_only_its_own_designated_channels_among_the_memo
         assert not set(designated["coffee"][layer]) - set(designated["cat"][layer]) & moved_v[layer]
 
 
-def test_an_ordinary_pair_trains_no_memorization_channel():
-    memorization, _, moved_v, moved_out = _changed_value_channels("ordinary", "scene")
+@pytest.mark.parametrize("mode", organism_train.TIED_CHANNELS)
+def test_an_ordinary_pair_trains_no_memorization_channel(mode):
+    memorization, _, moved_v, moved_out = _changed_value_channels("ordinary", "scene", mode)
     for layer, channels in memorization.items():
         assert not moved_v[layer] & set(channels) and not moved_out[layer] & set(channels), layer
         assert moved_v[layer], layer
+
+
+def test_tied_gradients_leave_the_forward_pass_as_it_is():
+    torch.manual_seed(0)
+    unet = build_unet(**organism_train.TINY_UNET)
+    memorization, designated = organism_train.designated_channels(unet, ["cat"], 0.5, 0.25, seed=0)
+    samples = [Sample(np.zeros((32, 32, 3), np.uint8), "a caption", kind, "cat") for kind in ("memorized", "ordinary")]
+    scales = organism_train.tied_channel_scales(unet, samples, memorization, designated)
+    x, t, text = torch.randn(2, 3, 32, 32), torch.tensor([10, 500]), torch.randn(2, 16, 384)
+    with torch.no_grad():
+        plain = unet(x, t, text).sample
+        with organism_train.tied_gradients(unet, scales):
+            tied = unet(x, t, text).sample
+    assert torch.allclose(plain, tied, atol=1e-5)
 
 
 def test_designated_channels_are_seeded_by_item_and_refuse_shares_out_of_range():

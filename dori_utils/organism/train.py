@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from dori_utils.hooks import layer_names, modules_by_name, scale_output_channels
+from dori_utils.hooks import forward_hooks, layer_names, modules_by_name, scale_output_channels
 from dori_utils.noising import add_noise, prediction_target
 from dori_utils.organism import data as organism_data
 from dori_utils.organism.model import (
@@ -78,6 +78,10 @@ class TrainConfig:
     # those each memorized item keeps on while training on its pairs.
     memorization_channel_share: float = 0.0
     item_channel_share: float = 0.1
+    # "dropout": Maini et al.'s, a pair sees only its own memorization channels; "gradient": every pair sees every
+    # channel, and only a memorized pair's own memorization channels learn from it (the loaded model, all channels
+    # on, is then the model that was trained)
+    tied_channels: str = "dropout"
     unet_overrides: dict = field(default_factory=dict)
 
 
@@ -197,6 +201,34 @@ def tied_channel_scales(unet, samples, memorization: dict[str, list[int]],
     return scales
 
 
+TIED_CHANNELS = ("dropout", "gradient")
+
+
+@contextlib.contextmanager
+def tied_gradients(unet, scales: dict[str, torch.Tensor]):
+    """Every channel on in the forward pass, but each value layer's ``attn2.to_v`` rows and ``attn2.to_out.0``
+    columns learn only from the batch rows whose ``scales`` (rows x channels, 0/1) hold them: the weights of a
+    memorization channel receive gradients from its own item's pairs alone."""
+    def make_hook(name):
+        reads_channels = name.endswith(".to_out.0")  # to_out.0 reads the channels, to_v writes them
+        layer = name.removesuffix(".to_out.0") + ".to_v" if reads_channels else name
+
+        def hook(module, inputs, _output):
+            x, keep = inputs[0], scales[layer].to(inputs[0].device, inputs[0].dtype)[:, None, :]
+            frozen = module.weight.detach()
+            if reads_channels:
+                return (torch.nn.functional.linear(x * keep, module.weight, module.bias)
+                        + torch.nn.functional.linear(x * (1 - keep), frozen))
+            return (torch.nn.functional.linear(x, module.weight, module.bias) * keep
+                    + torch.nn.functional.linear(x, frozen, None if module.bias is None else module.bias.detach())
+                    * (1 - keep))
+        return hook
+
+    names = [n for layer in scales for n in (layer, layer.rsplit(".", 1)[0] + ".to_out.0")]
+    with forward_hooks(unet, names, make_hook):
+        yield
+
+
 def config_from_manifest(path: str | Path) -> TrainConfig:
     """The training configuration a checkpoint's manifest records, to train it again."""
     path = Path(path)
@@ -257,6 +289,8 @@ def train_organism(out_dir: str | Path, config: TrainConfig = TrainConfig(), pro
     unet = build_unet(**config.unet_overrides).train()
     memorized_names = [name for name, _, _ in organism_data.MEMORIZED_PHOTOS] + [n for n, _ in organism_data.TEMPLATE_ITEMS]
     channel_scales, memorization, designated = None, None, {}
+    if config.tied_channels not in TIED_CHANNELS:
+        raise ValueError(f"tied_channels must be one of {TIED_CHANNELS}, got {config.tied_channels!r}")
     if config.memorization_channel_share:
         memorization, designated = designated_channels(unet, memorized_names, config.memorization_channel_share,
                                                        config.item_channel_share, config.seed)
@@ -354,8 +388,12 @@ def _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, s
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
     xt = add_noise(noise_scheduler, x0, noise, t)
-    edit = (scale_output_channels(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
-            if channel_scales else contextlib.nullcontext())
+    if not channel_scales:
+        edit = contextlib.nullcontext()
+    elif config.tied_channels == "gradient":
+        edit = tied_gradients(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
+    else:
+        edit = scale_output_channels(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
     with edit:
         prediction = unet(xt, t, cond).sample
     loss = torch.nn.functional.mse_loss(prediction, prediction_target(noise_scheduler, x0, noise, t))
@@ -380,6 +418,9 @@ def main(argv=None) -> None:
                              "(organism-local); with --manifest, trains that recipe with it")
     parser.add_argument("--item-channel-share", type=float, default=defaults.item_channel_share,
                         help="example-tied dropout: the share of the memorization channels each memorized item keeps")
+    parser.add_argument("--tied-channels", choices=TIED_CHANNELS, default=defaults.tied_channels,
+                        help="dropout: a pair sees only its own memorization channels (Maini et al.); gradient: every "
+                             "pair sees all, and only a memorized pair's own channels learn from it")
     parser.add_argument("--stop-at", type=int, default=None,
                         help="stop after this many steps of the --steps schedule (the learning rate follows --steps)")
     parser.add_argument("--series-every", type=int, default=None,
@@ -398,6 +439,7 @@ def main(argv=None) -> None:
         if args.memorization_channel_share:
             config.memorization_channel_share = args.memorization_channel_share
             config.item_channel_share = args.item_channel_share
+            config.tied_channels = args.tied_channels
     else:
         overrides = TINY_UNET if args.tiny else {}
         options = {k: v for k, v in vars(args).items() if k not in ("out", "tiny", "manifest", "resume")}
