@@ -100,3 +100,17 @@ def test_the_local_organism_loads_with_its_ground_truth_and_a_plain_one_is_refus
         load_backend("organism-local", device="cpu", path=tiny_organism_dir)
     with pytest.raises(BackendError, match="organism-local"):
         designated_channels(load_backend("organism", device="cpu", path=tiny_organism_dir))
+
+
+def test_a_local_pilot_is_measured_as_loaded_blocked_and_dropped_into_its_own_table(tmp_path):
+    from dori_utils.book import local_pilots
+
+    organism_train.main(["--out", str(tmp_path / "run"), *TINY_LOCAL, "--series-every", "2"])
+    table = tmp_path / "local-pilots.csv"
+    local_pilots.main(["--out", str(tmp_path / "run"), "--series", "--threads", "1", "--table", str(table)])
+    rows = table.read_text().strip().split("\n")
+    assert len(rows) == 2  # the header and the one checkpoint (the series' last is the final one)
+    header = rows[0].split(",")
+    for column in ("mr_loaded", "mr_designated_blocked", "mr_memorization_dropped", "attribute_accuracy_loaded",
+                   "attribute_accuracy_dropped", "tied_channels"):
+        assert column in header
