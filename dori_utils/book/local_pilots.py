@@ -3,7 +3,8 @@
 ``python -m dori_utils.book.local_pilots --out results/organism/pilots/organism-local [--series]`` measures a
 checkpoint trained with example-tied channels (``organism.train --memorization-channel-share``), and with
 ``--series`` every series checkpoint under it, and appends one row each to ``results/organism/local-pilots.csv``:
-MR and attribute accuracy as loaded (every channel on), MR with each item's designated channels blocked, and MR
+MR and attribute accuracy as loaded (every channel on), MR with each item's own memorization channels only (as
+the dropout trained it), MR with each item's designated channels blocked, and MR
 and attribute accuracy with every memorization channel dropped (Maini et al.'s test-time drop). Failed candidates
 keep their rows: they are results.
 """
@@ -31,8 +32,9 @@ EVAL_SEEDS = [10, 11]
 
 
 def measure(path: str | Path, n_heldout: int = 48) -> dict:
-    """The contrast organism in ``path``: per state (as loaded; designated channels blocked per item; every
-    memorization channel dropped) the MR of its verbatim items over ``EVAL_SEEDS`` and each item's median score,
+    """The contrast organism in ``path``: per state (as loaded; each item with only its own memorization channels,
+    as example-tied dropout trained it; designated channels blocked per item; every memorization channel dropped)
+    the MR of its verbatim items over ``EVAL_SEEDS`` and each item's median score,
     and the attribute accuracy on ``n_heldout`` held-out scene captions as loaded and dropped."""
     backend = load_backend("organism-local", path=path, device="cpu")
     items, prompts = backend.memorized, backend.prompt_sets["heldout_ordinary"][:n_heldout]
@@ -42,7 +44,11 @@ def measure(path: str | Path, n_heldout: int = 48) -> dict:
         with context:
             return backend.utility(generate_for_prompts(backend, prompts, [0]).images, prompts)
 
-    states = {"loaded": {}, "designated_blocked": {"row_context": nemo.per_item_blocking(
+    # as trained by example-tied dropout: each item with its own memorization channels on and the others off
+    others = [{layer: sorted(set(channels) - set(designated[item.id][layer])) for layer, channels in reserved.items()}
+              for item in items]
+    states = {"loaded": {}, "own_channels_only": {"row_context": nemo.per_item_blocking(backend, others)},
+              "designated_blocked": {"row_context": nemo.per_item_blocking(
                   backend, [designated[item.id] for item in items])},
               "memorization_dropped": {"context": hooks.zero_output_channels(backend.unet, reserved)}}
     row = {}
