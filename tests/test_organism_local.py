@@ -107,10 +107,11 @@ def test_a_local_pilot_is_measured_as_loaded_blocked_and_dropped_into_its_own_ta
 
     organism_train.main(["--out", str(tmp_path / "run"), *TINY_LOCAL, "--series-every", "2"])
     table = tmp_path / "local-pilots.csv"
-    local_pilots.main(["--out", str(tmp_path / "run"), "--series", "--threads", "1", "--table", str(table)])
+    local_pilots.main(["--out", str(tmp_path / "run"), "--series", "--threads", "1", "--table", str(table),
+                       "--attack-steps", "1"])
     rows = table.read_text().strip().split("\n")
     assert len(rows) == 2  # the header and the one checkpoint (the series' last is the final one)
     header = rows[0].split(",")
-    for column in ("mr_loaded", "mr_own_channels_only", "mr_designated_blocked", "mr_memorization_dropped", "attribute_accuracy_loaded",
+    for column in ("mr_memorization_dropped_dori", "mr_loaded", "mr_own_channels_only", "mr_designated_blocked", "mr_memorization_dropped", "attribute_accuracy_loaded",
                    "attribute_accuracy_dropped", "tied_channels"):
         assert column in header
