@@ -24,6 +24,7 @@ from dori_utils.book.chapter1 import blocked_attack
 from dori_utils.book.pilots import _checkpoint_name, _format, append_row
 from dori_utils.book.results import REPOSITORY_ROOT
 from dori_utils.evaluation import evaluate_items
+from dori_utils.metrics import median_score
 from dori_utils.organism.backend import designated_channels, memorization_channels
 from dori_utils.organism.train import series_checkpoint, series_steps
 from dori_utils.sampling import generate_for_prompts
@@ -58,13 +59,13 @@ def measure(path: str | Path, n_heldout: int = 48, attack_steps: int = 0) -> dic
     for state, edit in states.items():
         evaluation = evaluate_items(backend, EVAL_SEEDS, items=items, **edit)
         row[f"mr_{state}"] = evaluation.mr
-        row[f"scores_{state}"] = evaluation.scores.median(dim=1).values.tolist()
+        row[f"scores_{state}"] = median_score(evaluation.scores).tolist()
     if attack_steps:
         run = blocked_attack(backend, items, "memorization channels dropped", [reserved] * len(items), EVAL_SEEDS,
                              attack_steps)
         row["attack_steps"] = attack_steps
         row["mr_memorization_dropped_dori"] = run.attacked.mr
-        row["scores_memorization_dropped_dori"] = run.attacked.scores.median(dim=1).values.tolist()
+        row["scores_memorization_dropped_dori"] = median_score(run.attacked.scores).tolist()
     row["attribute_accuracy_loaded"] = utility(contextlib.nullcontext())
     row["attribute_accuracy_dropped"] = utility(hooks.zero_output_channels(backend.unet, reserved))
     return row
