@@ -388,12 +388,13 @@ def _train_step(config, unet, optimizer, schedule, generator, noise_scheduler, s
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
     xt = add_noise(noise_scheduler, x0, noise, t)
-    if not channel_scales:
+    rows = {layer: scale[index] for layer, scale in (channel_scales or {}).items()}
+    if not rows:
         edit = contextlib.nullcontext()
     elif config.tied_channels == "gradient":
-        edit = tied_gradients(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
+        edit = tied_gradients(unet, rows)
     else:
-        edit = scale_output_channels(unet, {layer: scale[index] for layer, scale in channel_scales.items()})
+        edit = scale_output_channels(unet, rows)
     with edit:
         prediction = unet(xt, t, cond).sample
     loss = torch.nn.functional.mse_loss(prediction, prediction_target(noise_scheduler, x0, noise, t))
